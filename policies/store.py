@@ -1,0 +1,119 @@
+"""The store interface: atomic budget reservations and rate windows, shared by every backend.
+
+Backends: ``policies.store_local.LocalStore`` (SQLite ledger + windows) and
+``policies.store_redis.RedisStore`` (Lua scripts). Both pass ``tests/test_store_contract.py``.
+Money is integer nano-USD throughout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class StoreError(Exception):
+    """The store could not be reached or did not answer in time (the caller applies on_error)."""
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetScope:
+    """One ledger a request is charged to: a team's or a key's budget in its current period.
+
+    ``scope_id`` is e.g. ``team:search`` or ``key:search/search-prod``; ``group`` is the
+    team name: every scope of one request shares it, so Redis keys share a hash tag.
+    ``limit_nano`` None means "no limit, only record spend".
+    """
+
+    scope_id: str
+    group: str
+    period_key: str  # "2026-11" | "2026-W48" | "2026-11-26" | "total"
+    period_end: float | None  # unix seconds when this period ends (None for total)
+    limit_nano: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    request_id: str
+    scopes: tuple[BudgetScope, ...]
+    amount_nano: int
+
+
+@dataclass(frozen=True, slots=True)
+class BudgetRejection:
+    scope: BudgetScope
+    spent_nano: int
+    reserved_nano: int
+    requested_nano: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateScope:
+    """One rate window owner, e.g. ``team:search`` or ``key:search/search-prod``."""
+
+    scope_id: str
+    group: str
+    rpm: int | None
+    tpm: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class RateState:
+    """What one scope's windows look like after a check; feeds the x-ratelimit-* headers."""
+
+    scope_id: str
+    limit_requests: int | None
+    remaining_requests: int | None
+    reset_requests_s: float
+    limit_tokens: int | None
+    remaining_tokens: int | None
+    reset_tokens_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class RateDecision:
+    allowed: bool
+    retry_after_s: float  # 0 when allowed
+    limited_by: str | None  # "requests" | "tokens" when refused
+    states: tuple[RateState, ...] = field(default=())
+
+
+@dataclass(frozen=True, slots=True)
+class SpendRow:
+    scope_id: str
+    period_key: str
+    spent_nano: int
+    reserved_nano: int
+
+
+class Store(Protocol):
+    """What the gateway needs from a store. Every method may raise StoreError."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> bool: ...
+
+    async def reserve(
+        self, request_id: str, scopes: tuple[BudgetScope, ...], amount_nano: int
+    ) -> Reservation | BudgetRejection:
+        """Atomically: if every limited scope has spent + reserved + amount <= limit, add
+        amount to each scope's reserved and remember the reservation (it expires after
+        reservation_ttl_s); else change nothing and return the first scope that refused."""
+        ...
+
+    async def settle(self, reservation: Reservation, actual_nano: int) -> None:
+        """Replace the reservation by the actual cost: reserved -= amount, spent += actual.
+        Idempotent per request_id; if the reservation already expired, spend is still added."""
+        ...
+
+    async def rate_acquire(self, scopes: tuple[RateScope, ...], tokens: int) -> RateDecision:
+        """Admit one request costing ``tokens`` against every scope's RPM and TPM windows
+        (all or nothing), recording it when admitted."""
+        ...
+
+    async def rate_add_tokens(self, scopes: tuple[RateScope, ...], tokens: int) -> None:
+        """Count tokens learned after admission (the output) into the TPM windows."""
+        ...
+
+    async def spend(self, scope_ids: tuple[str, ...] | None = None) -> list[SpendRow]:
+        """Spent and reserved per scope and period (all when scope_ids is None)."""
+        ...
