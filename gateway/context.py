@@ -31,6 +31,7 @@ class Attempt:
     ended: float | None = None
     status: int | None = None
     error_type: str | None = None  # low-cardinality, e.g. "timeout", "429", "connect_error"
+    span: Any = None  # the attempt's CLIENT span, owned by gateway.telemetry
 
 
 @dataclass(slots=True)
@@ -65,6 +66,9 @@ class RequestContext:
     pricing_version: str | None = None
     budget_remaining_nano: int | None = None
     cancelled: bool = False  # client went away mid-stream
+    redactions: dict[str, int] = field(default_factory=dict)  # per detector, summed over the request
+    rejected: str | None = None  # "budget" | "rate_limit" when admission refused
+    trace: Any = None  # telemetry's per-request state (the SERVER span), owned by gateway.telemetry
 
     @property
     def attempt(self) -> Attempt | None:
