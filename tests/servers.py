@@ -28,23 +28,23 @@ def free_port(host: str = LOOPBACK) -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], bool], *, timeout: float = 5.0, what: str = "") -> None:
-    """Poll `predicate` until true; AssertionError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
+def wait_until(predicate: Callable[[], bool], *, within: float = 5.0, what: str = "") -> None:
+    """Poll `predicate` until true; AssertionError after `within` seconds."""
+    deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+            raise AssertionError(f"timed out after {within}s waiting for {what or predicate}")
         time.sleep(0.01)
 
 
 async def async_wait_until(
-    predicate: Callable[[], bool], *, timeout: float = 5.0, what: str = ""
+    predicate: Callable[[], bool], *, within: float = 5.0, what: str = ""
 ) -> None:
     """`wait_until` for async tests: yields to the loop while polling."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+            raise AssertionError(f"timed out after {within}s waiting for {what or predicate}")
         await asyncio.sleep(0.01)
 
 
@@ -52,7 +52,10 @@ class ServerThread:
     """An ASGI app served by a real uvicorn.Server on its own event loop in a daemon thread.
 
     The listening socket is bound before the thread starts (port 0 = ephemeral), so there
-    is no port race. Use as a context manager, or call start() / stop().
+    is no port race. Use as a context manager, or call start() / stop(). On stop, requests
+    still running after 2 s (`timeout_graceful_shutdown`) are cancelled; the thread is
+    joined, with `force_exit` after `shutdown_timeout`. Extra keyword arguments go to
+    uvicorn.Config. `loop` is the server's event loop once started.
     """
 
     def __init__(
@@ -70,7 +73,7 @@ class ServerThread:
             "lifespan": "on",
             "log_level": "warning",
             "access_log": False,
-            "timeout_graceful_shutdown": shutdown_timeout,
+            "timeout_graceful_shutdown": 2.0,  # then uvicorn cancels in-flight requests
         }
         options.update(config)
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **options))
@@ -114,7 +117,7 @@ class ServerThread:
         try:
             with asyncio.Runner(loop_factory=self.server.config.get_loop_factory()) as runner:
                 runner.run(self._serve())
-        except BaseException as exc:  # noqa: BLE001 - reported by start()/stop()
+        except BaseException as exc:  # reported by start() / stop()
             self._error = exc
 
     async def _serve(self) -> None:
