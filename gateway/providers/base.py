@@ -1,0 +1,55 @@
+"""The provider shape: a canonical (OpenAI-format) request in, an UpstreamResponse out."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+from gateway.config import ProviderConfig
+
+# gen_ai.operation.name → the OpenAI path suffix it is served at
+OPERATION_PATHS = {
+    "chat": "/chat/completions",
+    "text_completion": "/completions",
+    "embeddings": "/embeddings",
+}
+
+
+async def _nothing() -> None:
+    return None
+
+
+@dataclass(slots=True)
+class UpstreamResponse:
+    """What came back: a whole body, or (status 200 and streaming) an iterator of raw bytes."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes | None = None
+    chunks: AsyncIterator[bytes] | None = None
+    close: Callable[[], Awaitable[None]] = _nothing
+
+
+class Provider(Protocol):
+    kind: ClassVar[str]
+    name: str
+    config: ProviderConfig
+    server_address: str | None
+    server_port: int | None
+
+    async def aclose(self) -> None: ...
+
+    async def send(
+        self,
+        operation: str,
+        model: str,
+        body: dict[str, Any],
+        *,
+        stream: bool,
+        timeout_s: float,
+        request_id: str,
+    ) -> UpstreamResponse:
+        """Send ``body`` (model already rewritten) upstream. Raises httpx errors on transport
+        failure; those are mapped to gateway errors in one place (gateway.upstream_errors)."""
+        ...

@@ -1,0 +1,31 @@
+"""The provider registry: config `kind` → "module:Class", imported only when a config uses it."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from gateway.config import ProviderConfig
+from gateway.providers.base import Provider
+from pricing.tokens import TokenCounter
+
+PROVIDERS = {
+    "openai": "gateway.providers.openai:OpenAIProvider",
+    "azure": "gateway.providers.azure:AzureProvider",
+    "mock": "gateway.providers.mock:MockProvider",
+}
+
+
+def provider_class(kind: str) -> Any:
+    try:
+        module, _, cls = PROVIDERS[kind].partition(":")
+    except KeyError:
+        raise ValueError(f"provider kind '{kind}' is not available in this build") from None
+    return getattr(importlib.import_module(module), cls)
+
+
+def build_provider(name: str, config: ProviderConfig, *, counter: TokenCounter) -> Provider:
+    cls = provider_class(config.kind)
+    if config.kind == "mock":
+        return cls(name, config, counter=counter)  # type: ignore[no-any-return]
+    return cls(name, config)  # type: ignore[no-any-return]

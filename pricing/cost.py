@@ -1,0 +1,92 @@
+"""Cost arithmetic: usage × price in integer nano-USD (1 USD = 10**9 nano), and USD formatting."""
+
+from __future__ import annotations
+
+from decimal import ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
+
+from .table import Price
+from .usage import Usage
+
+NANO_PER_USD = 10**9
+_NANO_PER_TOKEN_PER_MTOK = 1000  # (per_mtok USD / 10**6 tokens) × 10**9 nano/USD
+_PRECISION = 60  # digits; far beyond any token count × price, so products are exact
+
+
+def cost_nano(price: Price, usage: Usage) -> int:
+    """What `usage` costs at `price`, rounded half-up once, after summing exact terms.
+
+    Input is split into buckets: uncached input at the input price, cache reads at the
+    cached-input price, cache writes at the cache-write price (each falling back to the
+    input price when the table has none). Output, reasoning included, at the output price.
+    """
+    cache_read = max(usage.cache_read_input_tokens, 0)
+    cache_write = max(usage.cache_creation_input_tokens, 0)
+    uncached = max(usage.input_tokens - cache_read - cache_write, 0)
+    return _round(
+        (uncached, price.input_per_mtok),
+        (cache_read, _or(price.cached_input_per_mtok, price.input_per_mtok)),
+        (cache_write, _or(price.cache_write_per_mtok, price.input_per_mtok)),
+        (max(usage.output_tokens, 0), price.output_per_mtok),
+    )
+
+
+def max_cost_nano(price: Price, input_tokens: int, max_output_tokens: int) -> int:
+    """The most a request can cost: what admission reserves against a budget.
+
+    Input is priced at the higher of the input and cache-write prices (an Anthropic
+    prompt written to the cache costs 1.25× input), output at the output price.
+    """
+    per_input = max(price.input_per_mtok, _or(price.cache_write_per_mtok, price.input_per_mtok))
+    return _round(
+        (max(input_tokens, 0), per_input),
+        (max(max_output_tokens, 0), price.output_per_mtok),
+    )
+
+
+def output_cap(price: Price | None, body_cap: int | None, default: int = 4096) -> int:
+    """Output tokens to reserve for: the request's cap, else the model's limit, else `default`."""
+    if body_cap is not None:
+        return max(body_cap, 0)
+    if price is not None and price.max_output_tokens is not None:
+        return price.max_output_tokens
+    return default
+
+
+def usd_to_nano(value: Decimal | str | int) -> int:
+    """USD (a Decimal, a decimal string or an int; never a float) to nano-USD, half-up."""
+    if isinstance(value, bool) or not isinstance(value, Decimal | str | int):
+        raise TypeError(f"USD amounts must be Decimal, str or int, not {type(value).__name__}")
+    try:
+        usd = Decimal(value.strip() if isinstance(value, str) else value)
+    except InvalidOperation:
+        raise ValueError(f"not a decimal USD amount: {value!r}") from None
+    if not usd.is_finite():
+        raise ValueError(f"not a finite USD amount: {value!r}")
+    with localcontext(prec=_PRECISION):
+        return int((usd * NANO_PER_USD).to_integral_value(ROUND_HALF_UP))
+
+
+def nano_to_usd(nano: int) -> Decimal:
+    """nano-USD to an exact Decimal USD amount."""
+    return Decimal(nano).scaleb(-9)
+
+
+def format_usd(nano: int) -> str:
+    """A plain decimal USD string: no exponent, no trailing zeros, at least "0"."""
+    text = format(Decimal(nano).scaleb(-9), "f")
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("", "-0") else text
+
+
+def _or(value: Decimal | None, fallback: Decimal) -> Decimal:
+    return fallback if value is None else value
+
+
+def _round(*terms: tuple[int, Decimal]) -> int:
+    with localcontext(prec=_PRECISION):
+        total = sum(
+            (Decimal(tokens) * per_mtok * _NANO_PER_TOKEN_PER_MTOK for tokens, per_mtok in terms),
+            Decimal(0),
+        )
+        return int(total.to_integral_value(ROUND_HALF_UP))
