@@ -27,7 +27,9 @@ def current_period(period: Period, now: float) -> tuple[str, float | None]:
         iso_year, week, weekday = day.isocalendar()
         return f"{iso_year}-W{week:02d}", _midnight(day + timedelta(days=8 - weekday))
     if period == "monthly":
-        following = date(day.year + 1, 1, 1) if day.month == 12 else date(day.year, day.month + 1, 1)
+        following = (
+            date(day.year + 1, 1, 1) if day.month == 12 else date(day.year, day.month + 1, 1)
+        )
         return f"{day.year:04d}-{day.month:02d}", _midnight(following)
     raise ValueError(f"unknown budget period {period!r}")
 

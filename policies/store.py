@@ -8,7 +8,10 @@ Money is integer nano-USD throughout.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from policies.config import StoreConfig
 
 
 class StoreError(Exception):
@@ -117,3 +120,18 @@ class Store(Protocol):
     async def spend(self, scope_ids: tuple[str, ...] | None = None) -> list[SpendRow]:
         """Spent and reserved per scope and period (all when scope_ids is None)."""
         ...
+
+
+def open_store(config: StoreConfig, *, processes: int = 1) -> Store:
+    """Build (not start) the configured store; the backend module is imported only here.
+
+    ``processes`` is how many gateway worker processes share the store (server.workers):
+    the local store then keeps its rate windows in the SQLite file instead of memory.
+    """
+    if config.backend == "redis":
+        from policies.store_redis import RedisStore
+
+        return RedisStore(config)
+    from policies.store_local import LocalStore
+
+    return LocalStore(config, processes=processes)

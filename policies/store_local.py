@@ -285,7 +285,9 @@ class LocalStore:
 
         return self._transaction(tx)
 
-    def _read_tats(self, conn: sqlite3.Connection, scopes: tuple[RateScope, ...]) -> dict[str, Tats]:
+    def _read_tats(
+        self, conn: sqlite3.Connection, scopes: tuple[RateScope, ...]
+    ) -> dict[str, Tats]:
         ids = [s.scope_id for s in scopes]
         rows = conn.execute(
             f"SELECT scope_id, tat_requests, tat_tokens FROM rate WHERE scope_id IN ({','.join('?' * len(ids))})",
@@ -300,7 +302,9 @@ class LocalStore:
                 conn.executemany(_SET_TATS, [(k, r, t) for k, (r, t) in new.items()])
             self._rate_calls += 1
             if self._rate_calls % _RATE_SWEEP_EVERY == 0:
-                conn.execute("DELETE FROM rate WHERE tat_requests <= ? AND tat_tokens <= ?", (now, now))
+                conn.execute(
+                    "DELETE FROM rate WHERE tat_requests <= ? AND tat_tokens <= ?", (now, now)
+                )
             return decision
 
         return self._transaction(tx)

@@ -1,0 +1,414 @@
+"""RedisStore: budgets and rate windows in Redis, every decision one Lua script (atomic).
+
+Key layout (``{tag}`` is the team: every key one script touches shares one Redis Cluster
+slot; the tag is the team name with ``%``, ``{`` and ``}`` percent-encoded)::
+
+    tallygate:{tag}:ledger:<scope_id>:<period_key>  hash   spent, reserved (nano-USD)
+    tallygate:{tag}:resv:<scope_id>:<period_key>    zset   "<amount>:<request_id>" by expiry (ms)
+    tallygate:{tag}:req:<request_id>                string "r" reserved | "s" settled
+    tallygate:{tag}:rate:<scope_id>                 hash   r, t: GCRA tats (ms)
+
+Ledger and reservation sets of a dated period expire 35 days after the period ends;
+"total" ones never do. Reservation expiry and rate windows use the server's clock
+(``TIME``), so replicas with skewed clocks agree; the period key is the caller's.
+Lua numbers are doubles: amounts and limits are exact up to 2**53 nano-USD (~9M USD).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from policies.config import StoreConfig
+from policies.ratelimit import rate_state
+from policies.store import (
+    BudgetRejection,
+    BudgetScope,
+    RateDecision,
+    RateScope,
+    Reservation,
+    SpendRow,
+    StoreError,
+)
+
+T = TypeVar("T")
+
+PREFIX = "tallygate"
+LEDGER_GRACE_S = 35 * 86400  # a dated period's keys expire this long after it ends
+_MAX_CONNECTIONS = 128
+_HEALTH_CHECK_S = 30
+
+# Give back what expired reservations of one scope+period hold (crash recovery).
+_SWEEP_FN = """
+local function int(x) return string.format('%d', x) end
+local function sweep(ledger, zset, now)
+  local gone = redis.call('ZRANGEBYSCORE', zset, '-inf', now)
+  if #gone > 0 then
+    local total = 0
+    for _, member in ipairs(gone) do total = total + tonumber(string.match(member, '^(%d+):')) end
+    redis.call('ZREMRANGEBYSCORE', zset, '-inf', now)
+    redis.call('HINCRBY', ledger, 'reserved', int(-total))
+  end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# KEYS: req, then (ledger, zset) per scope.
+# ARGV: member, amount, ttl_ms, then (limit or '', expireat or 0) per scope.
+# Returns {1} reserved | {0, scope index, spent, reserved} refused | {-1} request id in use.
+_RESERVE = (
+    _SWEEP_FN
+    + """
+if redis.call('EXISTS', KEYS[1]) == 1 then return {-1} end
+local amount = tonumber(ARGV[2])
+local n = (#KEYS - 1) / 2
+for i = 1, n do sweep(KEYS[2 * i], KEYS[2 * i + 1], now) end
+for i = 1, n do
+  local limit = ARGV[2 + 2 * i]
+  if limit ~= '' then
+    local v = redis.call('HMGET', KEYS[2 * i], 'spent', 'reserved')
+    if (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0) + amount > tonumber(limit) then
+      return {0, i, v[1] or '0', v[2] or '0'}
+    end
+  end
+end
+local ttl = tonumber(ARGV[3])
+for i = 1, n do
+  local ledger, zset, expireat = KEYS[2 * i], KEYS[2 * i + 1], tonumber(ARGV[3 + 2 * i])
+  redis.call('HINCRBY', ledger, 'reserved', ARGV[2])
+  redis.call('ZADD', zset, int(now + ttl), ARGV[1])
+  if expireat > 0 then
+    redis.call('EXPIREAT', ledger, expireat)
+    redis.call('EXPIREAT', zset, expireat)
+  end
+end
+redis.call('SET', KEYS[1], 'r', 'PX', int(2 * ttl))
+return {1}
+"""
+)
+
+# KEYS: req, then (ledger, zset) per scope.
+# ARGV: member, amount, actual, tombstone_ms, then expireat or 0 per scope.
+# Returns 1 settled | 0 already settled before.
+_SETTLE = (
+    _SWEEP_FN
+    + """
+if redis.call('GET', KEYS[1]) == 's' then return 0 end
+local amount = tonumber(ARGV[2])
+for i = 1, (#KEYS - 1) / 2 do
+  local ledger, zset, expireat = KEYS[2 * i], KEYS[2 * i + 1], tonumber(ARGV[4 + i])
+  if redis.call('ZREM', zset, ARGV[1]) == 1 then
+    redis.call('HINCRBY', ledger, 'reserved', int(-amount))
+  end
+  redis.call('HINCRBY', ledger, 'spent', ARGV[3])
+  if expireat > 0 then redis.call('EXPIREAT', ledger, expireat) end
+end
+redis.call('SET', KEYS[1], 's', 'PX', ARGV[4])
+return 1
+"""
+)
+
+# KEYS: ledger, zset. Returns {spent, reserved} after releasing expired reservations.
+_READ_LEDGER = (
+    _SWEEP_FN
+    + """
+sweep(KEYS[1], KEYS[2], now)
+local v = redis.call('HMGET', KEYS[1], 'spent', 'reserved')
+return {v[1] or '0', v[2] or '0'}
+"""
+)
+
+# GCRA, the arithmetic of policies/ratelimit.py in milliseconds.
+_GCRA_FN = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local W, EPS = 60000, 0.001
+local function fmt(x) return string.format('%.3f', x) end
+local function store(key, r, tk)
+  redis.call('HSET', key, 'r', fmt(r), 't', fmt(tk))
+  redis.call('PEXPIREAT', key, string.format('%d', math.ceil(math.max(r, tk))))
+end
+"""
+
+# KEYS: rate hash per scope. ARGV: tokens, then (rpm or 0, tpm or 0) per scope.
+# Returns {allowed 1|0, retry_ms, limited_by or '', then (used_r_ms, used_t_ms) per scope}.
+_RATE_ACQUIRE = (
+    _GCRA_FN
+    + """
+local tokens = tonumber(ARGV[1])
+local cur_r, cur_t, new_r, new_t = {}, {}, {}, {}
+local retry, limited = 0, ''
+for i = 1, #KEYS do
+  local v = redis.call('HMGET', KEYS[i], 'r', 't')
+  local rpm, tpm = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  cur_r[i] = math.max(tonumber(v[1]) or 0, now)
+  cur_t[i] = math.max(tonumber(v[2]) or 0, now)
+  new_r[i], new_t[i] = cur_r[i], cur_t[i]
+  if rpm > 0 then
+    new_r[i] = cur_r[i] + W / rpm
+    local over = new_r[i] - now - W
+    if over > EPS and over > retry then retry, limited = over, 'requests' end
+  end
+  if tpm > 0 and tokens > 0 then
+    local cost = tokens * W / tpm
+    new_t[i] = cur_t[i] + cost
+    local over = new_t[i] - now - W
+    if cost > W + EPS then over = W end
+    if over > EPS and over > retry then retry, limited = over, 'tokens' end
+  end
+end
+local allowed = limited == ''
+local out = {allowed and 1 or 0, math.ceil(retry), limited}
+for i = 1, #KEYS do
+  local r, tk = cur_r[i], cur_t[i]
+  if allowed then
+    r, tk = new_r[i], new_t[i]
+    store(KEYS[i], r, tk)
+  end
+  out[#out + 1] = fmt(r - now)
+  out[#out + 1] = fmt(tk - now)
+end
+return out
+"""
+)
+
+# KEYS: rate hash per scope. ARGV: tokens, then tpm or 0 per scope.
+_RATE_ADD_TOKENS = (
+    _GCRA_FN
+    + """
+local tokens = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  local tpm = tonumber(ARGV[1 + i])
+  if tpm > 0 then
+    local v = redis.call('HMGET', KEYS[i], 'r', 't')
+    local r = tonumber(v[1]) or 0
+    store(KEYS[i], r, math.max(tonumber(v[2]) or 0, now) + tokens * W / tpm)
+  end
+end
+return 1
+"""
+)
+
+
+def hash_tag(group: str) -> str:
+    """The Redis Cluster hash tag of a team: its name, with % { } percent-encoded."""
+    return group.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+
+
+def ledger_key(group: str, scope_id: str, period_key: str) -> str:
+    return f"{PREFIX}:{{{hash_tag(group)}}}:ledger:{scope_id}:{period_key}"
+
+
+def reservations_key(group: str, scope_id: str, period_key: str) -> str:
+    return f"{PREFIX}:{{{hash_tag(group)}}}:resv:{scope_id}:{period_key}"
+
+
+def request_key(group: str, request_id: str) -> str:
+    return f"{PREFIX}:{{{hash_tag(group)}}}:req:{request_id}"
+
+
+def rate_key(group: str, scope_id: str) -> str:
+    return f"{PREFIX}:{{{hash_tag(group)}}}:rate:{scope_id}"
+
+
+class RedisStore:
+    """The shared store: any number of gateway processes and replicas on one Redis.
+
+    ``start`` opens no connection (a Redis that is down at start makes calls raise
+    StoreError, which the gateway handles per on_error, and /readyz reports it).
+    ``clock`` is accepted for symmetry with LocalStore; no decision uses it, since
+    expiry and windows run on the server's clock and periods come with the scopes.
+    """
+
+    def __init__(self, config: StoreConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self._config = config
+        self._clock = clock
+        self._ttl_ms = max(1, round(config.reservation_ttl_s * 1000))
+        self._client: Redis | None = None
+        self._scripts: dict[str, Any] = {}
+
+    # lifecycle
+
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        timeout = self._config.timeout_s
+        pool = BlockingConnectionPool.from_url(
+            self._config.redis_url,
+            max_connections=_MAX_CONNECTIONS,
+            timeout=timeout,  # waiting for a free connection
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=_HEALTH_CHECK_S,
+            retry=Retry(NoBackoff(), 0),  # fail within timeout_s; on_error decides, not retries
+        )
+        client = Redis.from_pool(pool)
+        self._scripts = {
+            name: client.register_script(source)
+            for name, source in (
+                ("reserve", _RESERVE),
+                ("settle", _SETTLE),
+                ("read_ledger", _READ_LEDGER),
+                ("rate_acquire", _RATE_ACQUIRE),
+                ("rate_add_tokens", _RATE_ADD_TOKENS),
+            )
+        }
+        self._client = client
+
+    async def close(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            await client.aclose()
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self._call("PING", lambda c: c.ping()))
+        except StoreError:
+            return False
+
+    # budgets
+
+    async def reserve(
+        self, request_id: str, scopes: tuple[BudgetScope, ...], amount_nano: int
+    ) -> Reservation | BudgetRejection:
+        if amount_nano < 0:
+            raise ValueError("amount_nano must be >= 0")
+        if not scopes:
+            return Reservation(request_id, scopes, amount_nano)
+        group = _one_group(scopes)
+        keys = [request_key(group, request_id), *_budget_keys(group, scopes)]
+        args: list[Any] = [_member(request_id, amount_nano), amount_nano, self._ttl_ms]
+        for s in scopes:
+            args += ["" if s.limit_nano is None else s.limit_nano, _expire_at(s)]
+        result = await self._script("reserve", keys, args)
+        if result[0] == 1:
+            return Reservation(request_id, scopes, amount_nano)
+        if result[0] == -1:
+            raise ValueError(f"request id {request_id!r} was already reserved")
+        return BudgetRejection(scopes[result[1] - 1], int(result[2]), int(result[3]), amount_nano)
+
+    async def settle(self, reservation: Reservation, actual_nano: int) -> None:
+        if actual_nano < 0:
+            raise ValueError("actual_nano must be >= 0")
+        scopes = reservation.scopes
+        if not scopes:
+            return
+        group = _one_group(scopes)
+        request_id, amount = reservation.request_id, reservation.amount_nano
+        keys = [request_key(group, request_id), *_budget_keys(group, scopes)]
+        args = [_member(request_id, amount), amount, actual_nano, self._ttl_ms]
+        args += [_expire_at(s) for s in scopes]
+        await self._script("settle", keys, args)
+
+    async def spend(self, scope_ids: tuple[str, ...] | None = None) -> list[SpendRow]:
+        """Scans the ledger keys (an admin call, O(keyspace)); releases expired reservations
+        of every ledger it reports so ``reserved`` is current."""
+        wanted = None if scope_ids is None else set(scope_ids)
+        pattern = f"{PREFIX}:*:ledger:*"
+        keys: list[str] = await self._call("SCAN", lambda c: _scan(c, pattern))
+        rows = []
+        for key in keys:
+            parsed = _parse_ledger_key(key)
+            if parsed is None or (wanted is not None and parsed[1] not in wanted):
+                continue
+            tag, scope_id, period_key = parsed
+            zset = f"{PREFIX}:{{{tag}}}:resv:{scope_id}:{period_key}"
+            spent, reserved = await self._script("read_ledger", [key, zset], [])
+            rows.append(SpendRow(scope_id, period_key, int(spent), int(reserved)))
+        rows.sort(key=lambda r: (r.scope_id, r.period_key))
+        return rows
+
+    # rate windows
+
+    async def rate_acquire(self, scopes: tuple[RateScope, ...], tokens: int) -> RateDecision:
+        if not scopes:
+            return RateDecision(True, 0.0, None, ())
+        group = _one_group(scopes)
+        args: list[Any] = [tokens]
+        for s in scopes:
+            args += [s.rpm or 0, s.tpm or 0]
+        out = await self._script(
+            "rate_acquire", [rate_key(group, s.scope_id) for s in scopes], args
+        )
+        states = tuple(
+            rate_state(s, (float(out[3 + 2 * i]) / 1000, float(out[4 + 2 * i]) / 1000), 0.0)
+            for i, s in enumerate(scopes)
+        )
+        limited_by = out[2].decode() if out[2] else None
+        return RateDecision(out[0] == 1, out[1] / 1000, limited_by, states)
+
+    async def rate_add_tokens(self, scopes: tuple[RateScope, ...], tokens: int) -> None:
+        scopes = tuple(s for s in scopes if s.tpm is not None)
+        if not scopes or tokens <= 0:
+            return
+        group = _one_group(scopes)
+        keys = [rate_key(group, s.scope_id) for s in scopes]
+        await self._script("rate_add_tokens", keys, [tokens, *(s.tpm for s in scopes)])
+
+    # the one place redis errors become StoreError
+
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        script = self._scripts.get(name)
+        if script is None:
+            raise StoreError("redis store is not started")
+        return await self._call(name, lambda c: script(keys=keys, args=args, client=c))
+
+    async def _call(self, what: str, op: Callable[[Redis], Awaitable[T]]) -> T:
+        client = self._client
+        if client is None:
+            raise StoreError("redis store is not started")
+        try:
+            async with asyncio.timeout(self._config.timeout_s):
+                return await op(client)
+        except (RedisError, OSError, TimeoutError) as exc:
+            raise StoreError(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _one_group(scopes: tuple[BudgetScope, ...] | tuple[RateScope, ...]) -> str:
+    group = scopes[0].group
+    if any(s.group != group for s in scopes):
+        raise ValueError("every scope of one request must share its group (one hash tag)")
+    return group
+
+
+def _budget_keys(group: str, scopes: tuple[BudgetScope, ...]) -> list[str]:
+    """(ledger, reservation set) per scope, flattened: the KEYS layout of the budget scripts."""
+    keys = []
+    for s in scopes:
+        keys += [
+            ledger_key(group, s.scope_id, s.period_key),
+            reservations_key(group, s.scope_id, s.period_key),
+        ]
+    return keys
+
+
+def _member(request_id: str, amount_nano: int) -> str:
+    return f"{amount_nano}:{request_id}"
+
+
+def _expire_at(scope: BudgetScope) -> int:
+    return 0 if scope.period_end is None else int(scope.period_end) + LEDGER_GRACE_S
+
+
+async def _scan(client: Redis, pattern: str) -> list[str]:
+    return [k.decode() async for k in client.scan_iter(match=pattern, count=1000)]
+
+
+def _parse_ledger_key(key: str) -> tuple[str, str, str] | None:
+    """``tallygate:{tag}:ledger:<scope_id>:<period_key>`` → (tag, scope_id, period_key)."""
+    head = f"{PREFIX}:{{"
+    if not key.startswith(head):
+        return None
+    tag, sep, rest = key[len(head) :].partition("}:ledger:")
+    scope_id, colon, period_key = rest.rpartition(":")
+    if not sep or not colon or "}" in tag:
+        return None
+    return tag, scope_id, period_key
