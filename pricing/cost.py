@@ -1,4 +1,4 @@
-"""Cost arithmetic: usage × price in integer nano-USD (1 USD = 10**9 nano), and USD formatting."""
+"""Cost arithmetic: usage x price in integer nano-USD (1 USD = 10**9 nano), and USD formatting."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from .table import Price
 from .usage import Usage
 
 NANO_PER_USD = 10**9
-_NANO_PER_TOKEN_PER_MTOK = 1000  # (per_mtok USD / 10**6 tokens) × 10**9 nano/USD
-_PRECISION = 60  # digits; far beyond any token count × price, so products are exact
+_NANO_PER_TOKEN_PER_MTOK = 1000  # (per_mtok USD / 10**6 tokens) x 10**9 nano/USD
+_PRECISION = 60  # digits; far beyond any token count x price, so products are exact
 
 
 def cost_nano(price: Price, usage: Usage) -> int:
@@ -34,7 +34,7 @@ def max_cost_nano(price: Price, input_tokens: int, max_output_tokens: int) -> in
     """The most a request can cost: what admission reserves against a budget.
 
     Input is priced at the higher of the input and cache-write prices (an Anthropic
-    prompt written to the cache costs 1.25× input), output at the output price.
+    prompt written to the cache costs 1.25x input), output at the output price.
     """
     per_input = max(price.input_per_mtok, _or(price.cache_write_per_mtok, price.input_per_mtok))
     return _round(
@@ -67,13 +67,14 @@ def usd_to_nano(value: Decimal | str | int) -> int:
 
 
 def nano_to_usd(nano: int) -> Decimal:
-    """nano-USD to an exact Decimal USD amount."""
-    return Decimal(nano).scaleb(-9)
+    """nano-USD to an exact Decimal USD amount (no context rounding, any size)."""
+    sign, digits, _ = Decimal(int(nano)).as_tuple()
+    return Decimal((sign, digits, -9))
 
 
 def format_usd(nano: int) -> str:
     """A plain decimal USD string: no exponent, no trailing zeros, at least "0"."""
-    text = format(Decimal(nano).scaleb(-9), "f")
+    text = format(nano_to_usd(nano), "f")
     if "." in text:
         text = text.rstrip("0").rstrip(".")
     return "0" if text in ("", "-0") else text

@@ -88,7 +88,9 @@ class PriceTable:
             data = Path(path).read_bytes()
         rows = list(_parse(data.decode("utf-8"), name))
         base = cls(price for price, _ in rows)
-        extra = [_from_override(model, o, base.lookup(model)) for model, o in (overrides or {}).items()]
+        extra = [
+            _from_override(model, o, base.lookup(model)) for model, o in (overrides or {}).items()
+        ]
         newest = max((day for _, day in rows), default=date.min).isoformat()
         digest = hashlib.sha256(data)
         for price in sorted(extra, key=lambda p: p.model):
