@@ -45,12 +45,15 @@ class RequestContext:
 
     body: dict[str, Any] | None = None  # parsed once; the client's request
     stream: bool = False
+    hide_usage: bool = False  # we asked upstream for the stream's usage chunk; the client did not
     requested_model: str | None = None
     principal: Principal | None = None
 
     attempts: list[Attempt] = field(default_factory=list)
     upstream_wait_s: float = 0.0  # time spent waiting on upstream I/O (for overhead)
     first_chunk_at: float | None = None  # perf_counter of the first chunk sent to the client
+
+    response_headers: dict[str, str] = field(default_factory=dict)  # sent on every response (x-ratelimit-*)
 
     # results
     status: int = 0

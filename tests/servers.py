@@ -193,9 +193,13 @@ def run_process_server(
     ready_url = ready_url or f"{url}/healthz"
     out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=cwd,
+        cmd,
+        stdout=out,
+        stderr=err,
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
         env={**os.environ, **(env or {})},
-    )  # fmt: skip
+    )
     server = ProcessServer(proc=proc, port=port, url=url, _files=[out, err])
     try:
         _wait_ready(server, ready_url, timeout)

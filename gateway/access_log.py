@@ -1,0 +1,142 @@
+"""The access log: one line per request (JSON, or logfmt text), with its trace and span ids.
+
+The line never carries content (prompts, completions) nor an API key: only the key's
+name from config. It is written with a single write() so concurrent requests (and
+workers sharing stdout) never interleave within a line.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any, Literal, TextIO
+
+import orjson
+
+from gateway.context import RequestContext
+
+FIELDS = (
+    "timestamp",
+    "request_id",
+    "trace_id",
+    "span_id",
+    "method",
+    "path",
+    "team",
+    "key",
+    "model",
+    "deployment",
+    "upstream_model",
+    "status",
+    "latency_ms",
+    "ttft_ms",
+    "attempts",
+    "input_tokens",
+    "output_tokens",
+    "tokens_estimated",
+    "cost_usd",
+    "overhead_ms",
+    "error_type",
+    "cancelled",
+)
+
+
+def iso_utc(unix_s: float) -> str:
+    """ISO-8601 UTC with milliseconds and a `Z`: 2025-06-01T12:00:00.123Z."""
+    return datetime.fromtimestamp(unix_s, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+
+
+def usd(nano: int | None) -> str | None:
+    """Nano-USD → an exact decimal string ("0.000123450"); never a float."""
+    if nano is None:
+        return None
+    return format(Decimal(nano).scaleb(-9), "f")
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+def access_record(
+    ctx: RequestContext,
+    *,
+    trace_id: str | None,
+    span_id: str | None,
+    end_unix: float,
+    latency_s: float,
+    overhead_s: float,
+) -> dict[str, Any]:
+    """The access line's fields, in FIELDS order. `end_unix` is the timestamp."""
+    principal = ctx.principal
+    attempt = ctx.attempts[-1] if ctx.attempts else None
+    usage = ctx.usage
+    ttft = (
+        ctx.first_chunk_at - ctx.started
+        if ctx.stream and ctx.first_chunk_at is not None
+        else None
+    )
+    return {
+        "timestamp": iso_utc(end_unix),
+        "request_id": ctx.request_id,
+        "trace_id": trace_id,
+        "span_id": span_id,
+        "method": ctx.method,
+        "path": ctx.path,
+        "team": principal.team if principal else None,
+        "key": principal.key_name if principal else None,
+        "model": ctx.requested_model,
+        "deployment": attempt.deployment if attempt else None,
+        "upstream_model": attempt.upstream_model if attempt else None,
+        "status": ctx.status,
+        "latency_ms": _ms(latency_s),
+        "ttft_ms": _ms(ttft),
+        "attempts": len(ctx.attempts),
+        "input_tokens": usage.input_tokens if usage else None,
+        "output_tokens": usage.output_tokens if usage else None,
+        "tokens_estimated": usage.estimated if usage else None,
+        "cost_usd": usd(ctx.cost_nano),
+        "overhead_ms": _ms(overhead_s),
+        "error_type": ctx.error_type,
+        "cancelled": ctx.cancelled,
+    }
+
+
+def format_json(record: dict[str, Any]) -> str:
+    return orjson.dumps(record).decode() + "\n"
+
+
+_NEEDS_QUOTES = frozenset(' "=\\\n\t')
+
+
+def _logfmt_value(value: Any) -> str:
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    text = str(value)
+    if not text or not _NEEDS_QUOTES.isdisjoint(text):
+        return '"' + text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return text
+
+
+def format_text(record: dict[str, Any]) -> str:
+    """logfmt: `key=value` pairs, empty fields left out, values quoted when needed."""
+    return (
+        " ".join(f"{k}={_logfmt_value(v)}" for k, v in record.items() if v is not None)
+        + "\n"
+    )
+
+
+class AccessLog:
+    """Writes access records to a text stream, one line per write() call."""
+
+    __slots__ = ("_format", "_stream")
+
+    def __init__(self, stream: TextIO, log_format: Literal["json", "text"] = "json") -> None:
+        self._stream = stream
+        self._format = format_json if log_format == "json" else format_text
+
+    def write(self, record: dict[str, Any]) -> str:
+        line = self._format(record)
+        self._stream.write(line)
+        return line

@@ -1,0 +1,103 @@
+"""The Gateway: everything a request needs, built once in the lifespan and closed on shutdown."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+from gateway.auth import KeyIndex
+from gateway.config import Config, ConfigError
+from gateway.providers.base import Provider
+from gateway.providers.registry import PROVIDERS, build_provider
+from gateway.routing import Router
+from gateway.tasks import TaskSet
+from gateway.telemetry import Telemetry
+from policies.redaction import Redactor
+from policies.store import Store, open_store
+from pricing.table import PriceTable
+from pricing.tokens import TokenCounter
+
+log = logging.getLogger("tallygate")
+VERSION = "0.1.0"
+
+
+@dataclass
+class TelemetryHooks:
+    """Test seams: in-memory exporters and a captured access log instead of the configured ones."""
+
+    span_exporter: Any = None
+    metric_reader: Any = None
+    access_log: TextIO | None = None
+
+
+@dataclass
+class Gateway:
+    config: Config
+    keys: KeyIndex
+    router: Router
+    providers: dict[str, Provider]
+    counter: TokenCounter
+    prices: PriceTable
+    store: Store
+    redactor: Redactor
+    telemetry: Telemetry
+    tasks: TaskSet = field(default_factory=TaskSet)
+    ready: bool = False
+    started_at: float = 0.0
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.config.server.max_body_mb * 1024 * 1024)
+
+    @classmethod
+    async def start(cls, config: Config, hooks: TelemetryHooks | None = None) -> Gateway:
+        hooks = hooks or TelemetryHooks()
+        for name, prov in config.providers.items():
+            if prov.kind not in PROVIDERS:
+                raise ConfigError(f"providers.{name}.kind: '{prov.kind}' is not implemented in this version")
+        counter = TokenCounter()
+        prices = PriceTable.load(config.pricing.overrides)
+        redactor = Redactor(config.redaction)
+        telemetry = Telemetry.create(
+            config.telemetry,
+            service_version=VERSION,
+            instance_id=f"{socket.gethostname()}:{os.getpid()}",
+            redact=redactor.redact_value,
+            span_exporter=hooks.span_exporter,
+            metric_reader=hooks.metric_reader,
+            access_log=hooks.access_log,
+            workers=config.server.workers,
+            known_models=set(config.models) | {d.model for ds in config.models.values() for d in ds},
+        )
+        providers: dict[str, Provider] = {}
+        for name, prov in config.providers.items():
+            provider = build_provider(name, prov, counter=counter)
+            client = getattr(provider, "client", None)
+            if client is not None:
+                telemetry.instrument_client(client)
+            providers[name] = provider
+        store = open_store(config.store, processes=config.server.workers)
+        await store.start()
+        for alias, deps in config.models.items():
+            for dep in deps:
+                if prices.lookup(dep.model) is None:
+                    log.warning(
+                        "no price for model '%s' (models.%s): requests to it are %s",
+                        dep.model,
+                        alias,
+                        "refused" if config.pricing.on_unknown_price == "reject" else "not charged",
+                    )
+        gw = cls(config, KeyIndex(config), Router(config), providers, counter, prices, store, redactor, telemetry)
+        gw.ready = True
+        return gw
+
+    async def close(self) -> None:
+        self.ready = False
+        await self.tasks.drain(self.config.server.drain_timeout_s)
+        for provider in self.providers.values():
+            await provider.aclose()
+        await self.store.close()
+        await self.telemetry.shutdown()
