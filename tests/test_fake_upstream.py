@@ -54,7 +54,9 @@ def test_chat_echoes_last_user_message_with_word_usage(
     assert completion.choices[0].finish_reason == "stop"
     assert completion.usage is not None
     # 2 + 3 words in the messages, + 7; 3 words in the reply
-    assert completion.usage.model_dump(include={"prompt_tokens", "completion_tokens", "total_tokens"}) == {
+    assert completion.usage.model_dump(
+        include={"prompt_tokens", "completion_tokens", "total_tokens"}
+    ) == {
         "prompt_tokens": 12,
         "completion_tokens": 3,
         "total_tokens": 15,
@@ -77,12 +79,18 @@ def test_chat_stream_with_include_usage_ends_with_a_usage_chunk(
     client: OpenAI, fake_upstream: FakeUpstream
 ) -> None:
     with client.chat.completions.create(
-        model="m", messages=MESSAGES, stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
+        model="m",
+        messages=MESSAGES,
+        stream=True,
+        stream_options={"include_usage": True},  # type: ignore[arg-type]
     ) as stream:
         chunks = list(stream)
 
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "hello there world"
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == "hello there world"
+    )
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert chunks[-1].choices == []
     assert chunks[-1].usage is not None
@@ -130,7 +138,10 @@ async def test_completions_echo_prompt_and_stream(aclient: AsyncOpenAI) -> None:
 def test_embeddings_are_deterministic(client: OpenAI) -> None:
     result = client.embeddings.create(model="e", input=["one two", "three"])
 
-    assert [d.embedding for d in result.data] == [fake_embedding("one two"), fake_embedding("three")]
+    assert [d.embedding for d in result.data] == [
+        fake_embedding("one two"),
+        fake_embedding("three"),
+    ]
     assert len(result.data[0].embedding) == 8
     assert result.usage.prompt_tokens == 3
     base64_result = client.embeddings.create(model="e", input="three", encoding_format="base64")
@@ -163,8 +174,12 @@ def test_reply_without_body_is_an_error_or_the_default_answer(
 
     with pytest.raises(openai.InternalServerError) as caught:
         client.chat.completions.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
-    assert caught.value.body == {"message": "fake upstream: HTTP 503", "type": "server_error",
-                                 "param": None, "code": None}  # fmt: skip
+    assert caught.value.body == {
+        "message": "fake upstream: HTTP 503",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
     raw = client.chat.completions.with_raw_response.create(model="m", messages=MESSAGES)  # type: ignore[arg-type]
     assert raw.headers["x-upstream"] == "yes"
     assert raw.parse().choices[0].message.content == "hello there world"
@@ -225,8 +240,11 @@ def test_gated_stream_goes_out_one_chunk_per_release(
     client: OpenAI, fake_upstream: FakeUpstream
 ) -> None:
     chunks = [chat_chunk("a", role="assistant"), chat_chunk(" b"), chat_chunk(finish_reason="stop")]
-    fake_upstream.enqueue(Stream(chunks, gate=True, usage={"prompt_tokens": 1,
-                                                            "completion_tokens": 2, "total_tokens": 3}))  # fmt: skip
+    fake_upstream.enqueue(
+        Stream(
+            chunks, gate=True, usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+        )
+    )
 
     with client.chat.completions.create(model="m", messages=MESSAGES, stream=True) as stream:  # type: ignore[arg-type]
         events = iter(stream)
@@ -271,14 +289,20 @@ async def test_async_client_closing_a_slow_stream_counts_a_disconnect(
 
 def test_requests_record_query_and_raw_body(fake_upstream: FakeUpstream) -> None:
     fake_upstream.enqueue(Reply(json={"ok": True}))
-    response = httpx.post(fake_upstream.url + "/anything?api-version=1", content=b"not json",
-                          headers={"X-Custom": "v"})  # fmt: skip
+    response = httpx.post(
+        fake_upstream.url + "/anything?api-version=1",
+        content=b"not json",
+        headers={"X-Custom": "v"},
+    )
 
     assert response.json() == {"ok": True}
     [request] = fake_upstream.requests
     assert (request.path, request.query, request.body, request.json) == (
-        "/anything", "api-version=1", b"not json", None,
-    )  # fmt: skip
+        "/anything",
+        "api-version=1",
+        b"not json",
+        None,
+    )
     assert request.headers["x-custom"] == "v"
     assert httpx.get(fake_upstream.url + "/nope").status_code == 404
 
