@@ -27,3 +27,19 @@ def fake_upstream(_fake_upstream_server: FakeUpstream) -> FakeUpstream:
     """A started FakeUpstream (one server per session), reset for this test."""
     _fake_upstream_server.reset()
     return _fake_upstream_server
+
+
+@pytest.fixture
+def gateway_config(fake_upstream: FakeUpstream, tmp_path: Path) -> dict:
+    from tests.gateway_harness import base_config
+
+    return base_config(fake_upstream.base_url, tmp_path / "tallygate.db")
+
+
+@pytest.fixture
+def gateway(gateway_config: dict):
+    """A real gateway under uvicorn on loopback, in front of the fake upstream."""
+    from tests.gateway_harness import running_gateway
+
+    with running_gateway(gateway_config) as gw:
+        yield gw
