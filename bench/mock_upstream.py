@@ -31,8 +31,13 @@ COMPLETION_ID = "chatcmpl-bench0000000000000000000000"
 USAGE = b'{"prompt_tokens":12,"completion_tokens":9,"total_tokens":21}'
 
 COMPLETION_BODY = (
-    b'{"id":"' + COMPLETION_ID.encode() + b'","object":"chat.completion","created":'
-    + str(CREATED).encode() + b',"model":"' + MODEL.encode() + b'",'
+    b'{"id":"'
+    + COMPLETION_ID.encode()
+    + b'","object":"chat.completion","created":'
+    + str(CREATED).encode()
+    + b',"model":"'
+    + MODEL.encode()
+    + b'",'
     b'"choices":[{"index":0,"message":{"role":"assistant","content":'
     b'"Hello! How can I help you today?","refusal":null},"logprobs":null,'
     b'"finish_reason":"stop"}],"usage":' + USAGE + b',"system_fingerprint":"fp_bench"}'
@@ -82,10 +87,18 @@ def _sse(data: bytes) -> bytes:
 
 def _chunk_event(delta: bytes, finish: bytes = b"null") -> bytes:
     return _sse(
-        b'{"id":"' + COMPLETION_ID.encode() + b'","object":"chat.completion.chunk","created":'
-        + str(CREATED).encode() + b',"model":"' + MODEL.encode() + b'",'
-        b'"system_fingerprint":"fp_bench","choices":[{"index":0,"delta":' + delta
-        + b',"logprobs":null,"finish_reason":' + finish + b"}]}"
+        b'{"id":"'
+        + COMPLETION_ID.encode()
+        + b'","object":"chat.completion.chunk","created":'
+        + str(CREATED).encode()
+        + b',"model":"'
+        + MODEL.encode()
+        + b'",'
+        b'"system_fingerprint":"fp_bench","choices":[{"index":0,"delta":'
+        + delta
+        + b',"logprobs":null,"finish_reason":'
+        + finish
+        + b"}]}"
     )
 
 
@@ -155,9 +168,7 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         with contextlib.suppress(OSError):
-            transport.get_extra_info("socket").setsockopt(
-                socket.IPPROTO_TCP, socket.TCP_NODELAY, 1
-            )
+            transport.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -234,7 +245,10 @@ class MockUpstream:
     def __init__(self, chunks: int = 20, chunk_delay_ms: float = 5.0) -> None:
         self.chunks = max(1, chunks)
         self.delay = chunk_delay_ms / 1000.0
-        self.events = {True: stream_events(self.chunks, True), False: stream_events(self.chunks, False)}
+        self.events = {
+            True: stream_events(self.chunks, True),
+            False: stream_events(self.chunks, False),
+        }
 
     def __call__(self, conn: HttpProtocol, method: bytes, url: bytes, body: bytes) -> None:
         path = url.split(b"?", 1)[0]
@@ -276,7 +290,9 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-async def serve(handler: Handler, host: str, port: int, ready: Callable[[int], None] | None = None) -> None:
+async def serve(
+    handler: Handler, host: str, port: int, ready: Callable[[int], None] | None = None
+) -> None:
     """Serve ``handler`` until SIGINT/SIGTERM."""
     loop = asyncio.get_running_loop()
     sock = listen_socket(host, port)

@@ -147,7 +147,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=9002)
-    parser.add_argument("--upstream", default="http://127.0.0.1:9001", help="mock upstream base URL")
+    parser.add_argument(
+        "--upstream", default="http://127.0.0.1:9001", help="mock upstream base URL"
+    )
     parser.add_argument("--transport", choices=TRANSPORTS, default="default")
     args = parser.parse_args(argv)
     print(

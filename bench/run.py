@@ -1,0 +1,781 @@
+"""The benchmark, one command: direct vs bare pass-through vs tallygate, interleaved.
+
+    python -m bench.run [--quick] [--duration S] [--rounds R] [--profile]
+
+Starts the mock upstream, a cheap OTLP/HTTP receiver, the bare pass-through and
+tallygate (every feature on: bench/config.bench.yaml), pins the server under test to
+core 0 and everything else (mock, receiver, wrk, stream client) to core 1, then runs
+in rounds, each target in turn: wrk (non-stream) at concurrency 1, 16, 64 and the
+stream client (20 chunks 5 ms apart) at concurrency 1 and 16. Reports medians over
+rounds and the gateway's ratios to the pass-through and to direct; writes
+bench/results/<UTC timestamp>.json and bench/results/latest.md and prints the table.
+A full run (not --quick) also refreshes the table in bench/README.md.
+
+The process helpers here (ports, pinned spawns, /proc CPU and RSS, wrk) are shared
+with bench.bench_transport.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+RESULTS = BENCH_DIR / "results"
+LUA = BENCH_DIR / "post.lua"
+CONFIG = BENCH_DIR / "config.bench.yaml"
+README = BENCH_DIR / "README.md"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+SERVER_CPU = "0"  # the server under test: pass-through or gateway
+DRIVER_CPU = "1"  # mock upstream, OTLP receiver, wrk, stream client
+KEY = "sk-bench"
+MODEL = "bench-model"
+CONCURRENCY = (1, 16, 64)
+STREAM_CONCURRENCY = (1, 16)
+TARGETS = ("direct", "passthrough", "gateway")
+
+# Where each target stands against issue 7 (one worker, one core, every feature on).
+GOALS = {
+    "rps_ratio_c16": 0.70,
+    "rps": 1000.0,
+    "added_p50_c1_ms": 1.0,
+    "added_p99_c1_ms": 3.0,
+    "added_ttft_ms": 1.0,
+    "rss_load_mb": 150.0,
+}
+
+
+# --- processes -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pinned(cpu: str, cmd: list[str]) -> list[str]:
+    """``cmd`` under ``taskset -c cpu`` when taskset exists and the CPU does."""
+    if shutil.which("taskset") and int(cpu) < (os.cpu_count() or 1):
+        return ["taskset", "-c", cpu, *cmd]
+    return cmd
+
+
+@dataclass
+class Server:
+    """A spawned server process, its port and its log files."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    stdout: Path
+    stderr: Path
+    error: str | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stderr_tail(self, lines: int = 30) -> str:
+        try:
+            text = self.stderr.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+def spawn(
+    name: str,
+    cmd: list[str],
+    cpu: str,
+    port: int,
+    logdir: Path,
+    env: dict[str, str] | None = None,
+) -> Server:
+    stdout, stderr = logdir / f"{name}.out", logdir / f"{name}.err"
+    proc = subprocess.Popen(
+        pinned(cpu, cmd),
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+        stdout=stdout.open("wb"),
+        stderr=stderr.open("wb"),
+    )
+    return Server(name, proc, port, stdout, stderr)
+
+
+def wait_port(server: Server, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not server.alive():
+            return False
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(("127.0.0.1", server.port), 0.2),
+        ):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def http(
+    method: str, url: str, body: bytes | None = None, key: str = KEY, timeout: float = 10.0
+) -> tuple[int, bytes]:
+    """One blocking request (setup checks only, never load)."""
+    req = urllib.request.Request(url, data=body, method=method)
+    req.add_header("content-type", "application/json")
+    req.add_header("authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+    except (OSError, urllib.error.URLError) as exc:
+        return 0, repr(exc).encode()
+
+
+def tree_pids(pid: int) -> list[int]:
+    """``pid`` and its descendants (taskset execs, so the spawned pid is the server)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and its descendants, from /proc/PID/stat."""
+    total = 0
+    for p in tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / CLK_TCK
+
+
+def rss_mb(pid: int) -> tuple[float, float]:
+    """(VmRSS, VmHWM) in MB, summed over ``pid`` and its descendants."""
+    rss = hwm = 0
+    for p in tree_pids(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    if line.startswith("VmRSS:"):
+                        rss += int(line.split()[1])
+                    elif line.startswith("VmHWM:"):
+                        hwm += int(line.split()[1])
+        except OSError:
+            continue
+    return rss / 1024, hwm / 1024
+
+
+class RssSampler:
+    """Samples the summed VmRSS of some pids every ``interval`` s; keeps the max."""
+
+    def __init__(self, pids: dict[str, int], interval: float = 0.25) -> None:
+        self.pids = pids
+        self.interval = interval
+        self.peak = dict.fromkeys(pids, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for name, pid in self.pids.items():
+                self.peak[name] = max(self.peak[name], rss_mb(pid)[0])
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+# --- load drivers ----------------------------------------------------------------
+
+
+def run_wrk(url: str, concurrency: int, duration: float, key: str = KEY) -> dict[str, Any]:
+    """wrk -t1 -cC -dS --latency with post.lua, on the driver core; figures in µs."""
+    cmd = pinned(
+        DRIVER_CPU,
+        [
+            "wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(duration))}s", "--latency",
+            "--timeout", "10s", "-s", str(LUA), url, "--", key, MODEL,
+        ],
+    )  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    for line in out.stdout.splitlines():
+        if line.startswith("BENCH_JSON "):
+            res: dict[str, Any] = json.loads(line[len("BENCH_JSON ") :])
+            res["rps"] = res["requests"] / (res["duration_us"] / 1e6)
+            res["errors"] = sum(v for k, v in res.items() if k.startswith("errors_"))
+            return res
+    raise RuntimeError(f"wrk gave no figures: {out.stdout[-500:]} {out.stderr[-500:]}")
+
+
+def run_streams(url: str, concurrency: int, n: int, key: str = KEY) -> dict[str, Any]:
+    cmd = pinned(
+        DRIVER_CPU,
+        [
+            sys.executable, "-m", "bench.stream_client", "--url", url, "--key", key,
+            "--model", MODEL, "-n", str(n), "-c", str(concurrency), "--json",
+        ],
+    )  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"stream client failed: {out.stderr[-800:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+# --- the OTLP receiver -----------------------------------------------------------
+
+
+class OtlpReceiver:
+    """Handler for mock_upstream.HttpProtocol: 200 to POST /v1/{traces,metrics,logs}.
+
+    It counts requests and bytes per signal and serves them at GET /stats; it never
+    decodes a body (a zero-length body is a valid empty Export*ServiceResponse).
+    """
+
+    def __init__(self) -> None:
+        self.counts: dict[str, list[int]] = {}
+        from bench.mock_upstream import response_bytes
+
+        self.ok = response_bytes(200, b"", b"application/x-protobuf")
+        self.not_found = response_bytes(404, b"{}")
+        self.response_bytes = response_bytes
+
+    def __call__(self, conn: Any, method: bytes, url: bytes, body: bytes) -> None:
+        path = url.split(b"?", 1)[0].decode()
+        if method == b"POST" and path in ("/v1/traces", "/v1/metrics", "/v1/logs"):
+            count = self.counts.setdefault(path[4:], [0, 0])
+            count[0] += 1
+            count[1] += len(body)
+            conn.respond(self.ok)
+        elif method == b"GET" and path == "/stats":
+            stats = {k: {"requests": v[0], "bytes": v[1]} for k, v in self.counts.items()}
+            conn.respond(self.response_bytes(200, json.dumps(stats).encode()))
+        else:
+            conn.respond(self.not_found)
+
+
+def serve_otlp(port: int) -> None:
+    from bench.mock_upstream import run
+
+    run(OtlpReceiver(), "127.0.0.1", port, "otlp receiver")
+
+
+# --- the run ---------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    logdir: Path
+    mock: Server
+    receiver: Server
+    servers: dict[str, Server] = field(default_factory=dict)  # passthrough, gateway
+    urls: dict[str, str] = field(default_factory=dict)
+    gateway_error: str | None = None
+    rss_idle: dict[str, float] = field(default_factory=dict)
+
+
+def chat_body(stream: bool = False) -> bytes:
+    from bench.stream_client import stream_body
+
+    if stream:
+        return stream_body(MODEL)
+    return json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 16}
+    ).encode()
+
+
+def tiktoken_cache() -> dict[str, str]:
+    if os.environ.get("TIKTOKEN_CACHE_DIR"):
+        return {}
+    cache = REPO.parent / "shared" / "tiktoken-cache"
+    return {"TIKTOKEN_CACHE_DIR": str(cache)} if cache.is_dir() else {}
+
+
+def start_gateway(setup: Setup, port: int, mock_port: int, otlp_port: int) -> None:
+    env = {
+        "BENCH_UPSTREAM_PORT": str(mock_port),
+        "BENCH_KEY": KEY,
+        "BENCH_DB": str(setup.logdir / "tallygate-bench.db"),
+        "BENCH_OTLP": f"http://127.0.0.1:{otlp_port}",
+        **tiktoken_cache(),
+    }
+    cmd = [
+        sys.executable, "-m", "gateway", "serve", "--config", str(CONFIG),
+        "--host", "127.0.0.1", "--port", str(port),
+    ]  # fmt: skip
+    gw = spawn("gateway", cmd, SERVER_CPU, port, setup.logdir, env)
+    setup.servers["gateway"] = gw
+    url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    if not wait_port(gw, 60):
+        gw.error = "did not start listening" if gw.alive() else f"exited with {gw.proc.returncode}"
+    else:
+        status, body = http("POST", url, chat_body())
+        if status != 200:
+            gw.error = f"check request answered {status}: {body[:400]!r}"
+        else:
+            status, body = http("POST", url, chat_body(stream=True))
+            if status != 200 or b"[DONE]" not in body:
+                gw.error = f"check stream answered {status}: {body[-400:]!r}"
+    if gw.error:
+        setup.gateway_error = f"{gw.error}\n--- stderr tail ---\n{gw.stderr_tail()}"
+        gw.stop()
+        del setup.servers["gateway"]
+        return
+    setup.urls["gateway"] = url
+
+
+def start_all(logdir: Path, transport: str, with_gateway: bool) -> Setup:
+    mock_port, otlp_port, pt_port, gw_port = (free_port() for _ in range(4))
+    mock = spawn(
+        "mock", [sys.executable, "-m", "bench.mock_upstream", "--port", str(mock_port)],
+        DRIVER_CPU, mock_port, logdir,
+    )  # fmt: skip
+    receiver = spawn(
+        "otlp", [sys.executable, "-m", "bench.run", "--serve-otlp", str(otlp_port)],
+        DRIVER_CPU, otlp_port, logdir,
+    )  # fmt: skip
+    setup = Setup(logdir, mock, receiver)
+    for srv in (mock, receiver):
+        if not wait_port(srv, 20):
+            raise RuntimeError(f"{srv.name} did not start: {srv.stderr_tail()}")
+    setup.urls["direct"] = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
+    pt = spawn(
+        "passthrough",
+        [
+            sys.executable, "-m", "bench.passthrough", "--port", str(pt_port),
+            "--upstream", f"http://127.0.0.1:{mock_port}", "--transport", transport,
+        ],
+        SERVER_CPU, pt_port, logdir,
+    )  # fmt: skip
+    setup.servers["passthrough"] = pt
+    if not wait_port(pt, 30):
+        raise RuntimeError(f"passthrough did not start: {pt.stderr_tail()}")
+    setup.urls["passthrough"] = f"http://127.0.0.1:{pt_port}/v1/chat/completions"
+    status, body = http("POST", setup.urls["passthrough"], chat_body())
+    if status != 200:
+        raise RuntimeError(f"passthrough answered {status}: {body[:300]!r}")
+    if with_gateway:
+        start_gateway(setup, gw_port, mock_port, otlp_port)
+    else:
+        setup.gateway_error = "skipped (--no-gateway)"
+    time.sleep(1.0)  # let lazy start-up work settle before the idle reading
+    for name, srv in setup.servers.items():
+        setup.rss_idle[name] = round(rss_mb(srv.pid)[0], 1)
+    return setup
+
+
+def server_pid(setup: Setup, target: str) -> int:
+    return setup.mock.pid if target == "direct" else setup.servers[target].pid
+
+
+def measure_rounds(
+    setup: Setup, rounds: int, duration: float, log: Any
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Every (round, mode, concurrency, target) run, in interleaved order."""
+    targets = [t for t in TARGETS if t in setup.urls]
+    runs: list[dict[str, Any]] = []
+    pids = {t: server_pid(setup, t) for t in targets if t != "direct"}
+    with RssSampler(pids) as sampler:
+        for t in targets:  # warm-up, uncounted: connections, caches, lazy imports
+            run_wrk(setup.urls[t], 16, 1)
+        for r in range(rounds):
+            for c in CONCURRENCY:
+                for t in targets:
+                    pid = server_pid(setup, t)
+                    cpu0 = cpu_seconds(pid)
+                    res = run_wrk(setup.urls[t], c, duration)
+                    cpu = cpu_seconds(pid) - cpu0
+                    res.update(
+                        round=r, mode="plain", concurrency=c, target=t,
+                        cpu_ms_per_req=1000 * cpu / max(1, res["requests"]),
+                        cpu_util=cpu / (res["duration_us"] / 1e6),
+                    )  # fmt: skip
+                    runs.append(res)
+                    log(
+                        f"  r{r} plain  c={c:<3} {t:<12} {res['rps']:9.0f} rps "
+                        f"p50 {res['p50_us'] / 1000:7.3f} ms p99 {res['p99_us'] / 1000:7.3f} ms "
+                        f"cpu {res['cpu_ms_per_req']:.3f} ms/req errors {res['errors']}"
+                    )
+            for c in STREAM_CONCURRENCY:
+                # enough streams to fill about `duration` seconds (each lasts ~100 ms)
+                n = max(c * 4, int(c * duration / 0.1))
+                for t in targets:
+                    pid = server_pid(setup, t)
+                    cpu0 = cpu_seconds(pid)
+                    res = run_streams(setup.urls[t], c, n)
+                    cpu = cpu_seconds(pid) - cpu0
+                    res.update(
+                        round=r, mode="stream", target=t,
+                        cpu_ms_per_req=1000 * cpu / max(1, res["requests"] + c),
+                    )  # fmt: skip
+                    runs.append(res)
+                    log(
+                        f"  r{r} stream c={c:<3} {t:<12} TTFT p50 {res['ttft_p50_ms']:7.3f} ms "
+                        f"p99 {res['ttft_p99_ms']:7.3f} ms total p50 {res['total_p50_ms']:.1f} ms "
+                        f"errors {res['errors']}"
+                    )
+    return runs, {k: round(v, 1) for k, v in sampler.peak.items()}
+
+
+# --- the report ------------------------------------------------------------------
+
+
+def med(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarize(runs: list[dict[str, Any]], targets: list[str]) -> dict[str, Any]:
+    """Medians over rounds; added latency and ratios are per-round pairs, then medians."""
+
+    def pick(mode: str, t: str, c: int) -> dict[int, dict[str, Any]]:
+        return {
+            r["round"]: r
+            for r in runs
+            if r["mode"] == mode and r["target"] == t and r["concurrency"] == c
+        }
+
+    out: dict[str, Any] = {"plain": {}, "stream": {}}
+    for t in targets:
+        for c in CONCURRENCY:
+            rs = pick("plain", t, c)
+            if not rs:
+                continue
+            row: dict[str, Any] = {
+                "rps": med([r["rps"] for r in rs.values()]),
+                "p50_ms": med([r["p50_us"] / 1000 for r in rs.values()]),
+                "p99_ms": med([r["p99_us"] / 1000 for r in rs.values()]),
+                "cpu_ms_per_req": med([r["cpu_ms_per_req"] for r in rs.values()]),
+                "errors": sum(r["errors"] for r in rs.values()),
+            }
+            if t != "direct":
+                direct = pick("plain", "direct", c)
+                pairs = [(rs[k], direct[k]) for k in rs if k in direct]
+                row["added_p50_ms"] = med([(a["p50_us"] - b["p50_us"]) / 1000 for a, b in pairs])
+                row["added_p99_ms"] = med([(a["p99_us"] - b["p99_us"]) / 1000 for a, b in pairs])
+                row["ratio_to_direct"] = med([a["rps"] / b["rps"] for a, b in pairs])
+            if t == "gateway":
+                pt = pick("plain", "passthrough", c)
+                pairs = [(rs[k], pt[k]) for k in rs if k in pt]
+                row["ratio_to_passthrough"] = med([a["rps"] / b["rps"] for a, b in pairs])
+            out["plain"].setdefault(t, {})[c] = row
+        for c in STREAM_CONCURRENCY:
+            rs = pick("stream", t, c)
+            if not rs:
+                continue
+            row = {
+                "ttft_p50_ms": med([r["ttft_p50_ms"] for r in rs.values()]),
+                "ttft_p99_ms": med([r["ttft_p99_ms"] for r in rs.values()]),
+                "total_p50_ms": med([r["total_p50_ms"] for r in rs.values()]),
+                "streams_per_s": med([r["streams_per_s"] for r in rs.values()]),
+                "cpu_ms_per_req": med([r["cpu_ms_per_req"] for r in rs.values()]),
+                "errors": sum(r["errors"] for r in rs.values()),
+            }
+            if t != "direct":
+                direct = pick("stream", "direct", c)
+                pairs = [(rs[k], direct[k]) for k in rs if k in direct]
+                row["added_ttft_p50_ms"] = med(
+                    [a["ttft_p50_ms"] - b["ttft_p50_ms"] for a, b in pairs]
+                )
+                row["added_ttft_p99_ms"] = med(
+                    [a["ttft_p99_ms"] - b["ttft_p99_ms"] for a, b in pairs]
+                )
+            out["stream"].setdefault(t, {})[c] = row
+    return out
+
+
+def fmt(value: float | None, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def goals(
+    summary: dict[str, Any], rss_load: dict[str, float]
+) -> list[tuple[str, str, str, bool | None]]:
+    """(figure, goal, measured, met) for each target of issue 7, for the gateway."""
+    gw = summary["plain"].get("gateway", {})
+    gws = summary["stream"].get("gateway", {})
+    c16, c1, s1 = gw.get(16, {}), gw.get(1, {}), gws.get(1, {})
+
+    def row(
+        name: str, goal: str, value: float | None, ok: bool | None, spec: str
+    ) -> tuple[str, str, str, bool | None]:
+        return name, goal, fmt(value, spec), ok
+
+    ratio = c16.get("ratio_to_passthrough")
+    rps = c16.get("rps")
+    a50, a99, ttft = c1.get("added_p50_ms"), c1.get("added_p99_ms"), s1.get("added_ttft_p50_ms")
+    rss = rss_load.get("gateway")
+    g = GOALS
+    return [
+        row("RPS vs pass-through, c=16", f"≥ {g['rps_ratio_c16']:.0%}", None if ratio is None else 100 * ratio,
+            None if ratio is None else ratio >= g["rps_ratio_c16"], ".0f"),
+        row("RPS per worker, c=16", f"≥ {g['rps']:,.0f}", rps, None if rps is None else rps >= g["rps"], ",.0f"),
+        row("added p50 latency, c=1 (ms)", f"≤ {g['added_p50_c1_ms']}", a50,
+            None if a50 is None else a50 <= g["added_p50_c1_ms"], ".3f"),
+        row("added p99 latency, c=1 (ms)", f"≤ {g['added_p99_c1_ms']:.0f}", a99,
+            None if a99 is None else a99 <= g["added_p99_c1_ms"], ".3f"),
+        row("added time to first chunk p50, c=1 (ms)", f"≤ {g['added_ttft_ms']:.0f}", ttft,
+            None if ttft is None else ttft <= g["added_ttft_ms"], ".3f"),
+        row("RSS under load (MB)", f"≤ {g['rss_load_mb']:.0f}", rss,
+            None if rss is None else rss <= g["rss_load_mb"], ".1f"),
+    ]  # fmt: skip
+
+
+def markdown(report: dict[str, Any]) -> str:
+    s, meta = report["summary"], report["meta"]
+    lines = [
+        f"tallygate benchmark — {meta['utc']} — commit `{meta['commit']}` — "
+        f"{meta['rounds']} round(s) x {meta['duration_s']} s, medians of interleaved rounds"
+        f"{' (quick)' if meta['quick'] else ''}; pass-through on {meta['transport']} transport; "
+        f"server under test on core {SERVER_CPU}, mock + load on core {DRIVER_CPU}; "
+        f"load average at start {meta['loadavg']}.",
+        "",
+        "Non-stream (wrk -t1, POST chat completion):",
+        "",
+        "| target | c | RPS | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU ms/req | vs pass-through | vs direct |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t, rows in s["plain"].items():
+        for c, r in rows.items():
+            lines.append(
+                f"| {t} | {c} | {fmt(r['rps'], ',.0f')} | {fmt(r['p50_ms'], '.3f')} | "
+                f"{fmt(r['p99_ms'], '.3f')} | {fmt(r.get('added_p50_ms'), '+.3f')} | "
+                f"{fmt(r.get('added_p99_ms'), '+.3f')} | {fmt(r['cpu_ms_per_req'], '.3f')} | "
+                f"{fmt(r.get('ratio_to_passthrough'), '.2f')} | {fmt(r.get('ratio_to_direct'), '.2f')} |"
+                + (f" ⚠ {r['errors']} errors" if r["errors"] else "")
+            )
+    lines += [
+        "",
+        f"Stream ({meta['chunks']} chunks {meta['chunk_delay_ms']} ms apart, include_usage):",
+        "",
+        "| target | c | TTFT p50 ms | TTFT p99 ms | added TTFT p50 ms | added TTFT p99 ms | total p50 ms | CPU ms/stream |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for t, rows in s["stream"].items():
+        for c, r in rows.items():
+            lines.append(
+                f"| {t} | {c} | {fmt(r['ttft_p50_ms'], '.3f')} | {fmt(r['ttft_p99_ms'], '.3f')} | "
+                f"{fmt(r.get('added_ttft_p50_ms'), '+.3f')} | {fmt(r.get('added_ttft_p99_ms'), '+.3f')} | "
+                f"{fmt(r['total_p50_ms'], '.1f')} | {fmt(r['cpu_ms_per_req'], '.3f')} |"
+                + (f" ⚠ {r['errors']} errors" if r["errors"] else "")
+            )
+    lines += ["", "| server | RSS idle MB | RSS under load MB (peak VmRSS) |", "|---|---:|---:|"]
+    for name, idle in report["rss_idle_mb"].items():
+        lines.append(f"| {name} | {idle:.1f} | {fmt(report['rss_load_mb'].get(name), '.1f')} |")
+    lines += ["", "Targets (issue 7), the gateway with every feature on:", "",
+              "| figure | target | measured | |", "|---|---|---:|---|"]  # fmt: skip
+    for name, goal, value, ok in report["goals"]:
+        mark = "n/a" if ok is None else ("✅ met" if ok else "❌ not met")
+        lines.append(f"| {name} | {goal} | {value} | {mark} |")
+    if report.get("gateway_error"):
+        tail = report["gateway_error"].strip().replace("```", "'''")
+        lines += [
+            "",
+            "**The gateway did not run**; direct and pass-through only:",
+            "",
+            "```",
+            tail,
+            "```",
+        ]
+    extra = report.get("gateway_checks")
+    if extra:
+        lines += ["", f"Gateway side effects: {extra}"]
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(table: str) -> None:
+    start, end = "<!-- bench:latest:start -->", "<!-- bench:latest:end -->"
+    try:
+        text = README.read_text()
+    except OSError:
+        return
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        tail = rest.split(end, 1)[1]
+        README.write_text(f"{head}{start}\n{table}{end}{tail}")
+
+
+def git_commit() -> str:
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO
+    )
+    return out.stdout.strip() or "unknown"
+
+
+def gateway_checks(setup: Setup) -> dict[str, Any]:
+    """Evidence the features were on: OTLP exports received, access-log lines written."""
+    checks: dict[str, Any] = {}
+    status, body = http("GET", f"http://127.0.0.1:{setup.receiver.port}/stats")
+    if status == 200:
+        checks["otlp_received"] = json.loads(body)
+    gw = setup.servers.get("gateway")
+    if gw is not None:
+        for stream in ("stdout", "stderr"):
+            path: Path = getattr(gw, stream)
+            with contextlib.suppress(OSError), path.open("rb") as f:
+                count, last = 0, b""
+                for line in f:
+                    count += 1
+                    last = line
+                checks[f"{stream}_lines"] = count
+                if last:
+                    checks[f"{stream}_last_line"] = last[:600].decode(errors="replace").strip()
+    return checks
+
+
+def profile_gateway(setup: Setup, duration: float, stamp: str, log: Any) -> str | None:
+    """py-spy record of the gateway under wrk c=16; returns the SVG path."""
+    gw = setup.servers.get("gateway")
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if gw is None or not Path(spy).exists():
+        return None
+    out = RESULTS / f"profile-gateway-{stamp}.svg"
+    cmd = pinned(
+        DRIVER_CPU,
+        [spy, "record", "--pid", str(gw.pid), "--duration", str(max(2, round(duration))),
+         "--rate", "250", "--nonblocking", "--output", str(out)],
+    )  # fmt: skip
+    spy_proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)
+    run_wrk(setup.urls["gateway"], 16, duration)
+    _, err = spy_proc.communicate(timeout=duration + 60)
+    if spy_proc.returncode != 0:
+        log(f"py-spy failed: {err.decode(errors='replace')[-300:]}")
+        return None
+    return str(out.relative_to(REPO))
+
+
+@contextlib.contextmanager
+def started(transport: str, with_gateway: bool) -> Iterator[Setup]:
+    logdir = Path(tempfile.mkdtemp(prefix="tallygate-bench-"))
+    setup: Setup | None = None
+    try:
+        setup = start_all(logdir, transport, with_gateway)
+        yield setup
+    finally:
+        if setup is not None:
+            for srv in [*setup.servers.values(), setup.receiver, setup.mock]:
+                srv.stop()
+        shutil.rmtree(logdir, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one short round (~1 minute)")
+    parser.add_argument("--duration", type=float, help="seconds per wrk run (default 8, quick 3)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 1)")
+    parser.add_argument("--transport", default="aiohttp", choices=("default", "aiohttp", "raw-aiohttp"),
+                        help="the pass-through's upstream transport (default aiohttp)")  # fmt: skip
+    parser.add_argument("--no-gateway", action="store_true", help="direct and pass-through only")
+    parser.add_argument("--profile", action="store_true", help="then py-spy the gateway at c=16")
+    parser.add_argument("--no-readme", action="store_true", help="leave bench/README.md alone")
+    parser.add_argument("--serve-otlp", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_otlp:
+        serve_otlp(args.serve_otlp)
+        return 0
+    if not shutil.which("wrk"):
+        print("wrk not found: apt-get install wrk", file=sys.stderr)
+        return 2
+    duration = args.duration or (3.0 if args.quick else 8.0)
+    rounds = args.rounds or (1 if args.quick else 3)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    meta = {
+        "utc": stamp, "commit": git_commit(), "quick": args.quick, "rounds": rounds,
+        "duration_s": duration, "transport": args.transport, "chunks": 20, "chunk_delay_ms": 5,
+        "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()), "cpus": os.cpu_count(),
+        "python": sys.version.split()[0],
+    }  # fmt: skip
+    with started(args.transport, not args.no_gateway) as setup:
+        if setup.gateway_error:
+            log(f"gateway failed: {setup.gateway_error}")
+        log(f"running {rounds} round(s) of {duration:.0f} s per figure over {list(setup.urls)}")
+        runs, rss_load = measure_rounds(setup, rounds, duration, log)
+        for name, srv in setup.servers.items():
+            rss_load[name] = max(rss_load.get(name, 0.0), round(rss_mb(srv.pid)[0], 1))
+        hwm = {name: round(rss_mb(srv.pid)[1], 1) for name, srv in setup.servers.items()}
+        checks = gateway_checks(setup) if "gateway" in setup.urls else {}
+        profile = profile_gateway(setup, duration, stamp, log) if args.profile else None
+        targets = [t for t in TARGETS if t in setup.urls]
+        summary = summarize(runs, targets)
+        report: dict[str, Any] = {
+            "meta": meta,
+            "summary": summary,
+            "rss_idle_mb": setup.rss_idle,
+            "rss_load_mb": rss_load,
+            "rss_hwm_mb": hwm,
+            "goals": goals(summary, rss_load),
+            "gateway_error": setup.gateway_error,
+            "gateway_checks": checks,
+            "profile": profile,
+            "runs": runs,
+        }
+    RESULTS.mkdir(exist_ok=True)
+    table = markdown(report)
+    (RESULTS / f"{stamp}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
+    (RESULTS / "latest.md").write_text(table)
+    if not args.quick and not args.no_readme:
+        update_readme(table)
+    print(table)
+    log(f"wrote bench/results/{stamp}.json and bench/results/latest.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
