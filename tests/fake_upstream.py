@@ -112,14 +112,7 @@ def error_reply(status: int, message: str | None = None, *, code: str | None = N
 
 
 def _obj(kind: str, id: str, model: Any, choices: list[Any], **extra: Any) -> dict[str, Any]:
-    return {
-        "id": id,
-        "object": kind,
-        "created": CREATED,
-        "model": model,
-        "choices": choices,
-        **extra,
-    }
+    return dict(id=id, object=kind, created=CREATED, model=model, choices=choices, **extra)
 
 
 def chat_chunk(
@@ -158,11 +151,9 @@ def chat_stream(
 
 def usage_json(prompt_tokens: int, completion_tokens: int = 0) -> dict[str, int]:
     total = prompt_tokens + completion_tokens
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": total,
-    }
+    return dict(
+        prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, total_tokens=total
+    )
 
 
 def count_words(value: Any) -> int:
@@ -226,11 +217,8 @@ def completion_answer(body: dict[str, Any], number: int = 1) -> Reply | Stream:
     prompt = body.get("prompt")
     texts = [prompt] if isinstance(prompt, str) else prompt if isinstance(prompt, list) else []
     words, finish = _answer_words(" ".join(t for t in texts if isinstance(t, str)), body)
-    usage, model, id = (
-        usage_json(count_words(prompt), len(words)),
-        body.get("model"),
-        f"cmpl-fake-{number}",
-    )
+    usage = usage_json(count_words(prompt), len(words))
+    model, id = body.get("model"), f"cmpl-fake-{number}"
 
     def obj(text: str, finish_reason: str | None, **extra: Any) -> dict[str, Any]:
         choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
@@ -351,9 +339,9 @@ class FakeUpstream:
         with self._lock:
             queue.extend(steps)
 
-    def _bump(self, generation: int, counter: str) -> None:
+    def _bump(self, ex: _Exchange, counter: str) -> None:
         with self._lock:
-            if generation == self._generation:
+            if ex.generation == self._generation:
                 setattr(self, counter, getattr(self, counter) + 1)
 
     # -- serving (server side)
@@ -378,93 +366,75 @@ class FakeUpstream:
             self.requests.append(request)
             queue = self._path_queues.get(request.path)
             step = queue.popleft() if queue else self._queue.popleft() if self._queue else None
-            generation, self._number = self._generation, self._number + 1
-            number = self._number
-        await self._perform(step, request, number, generation, receive, send)
+            self._number += 1
+            exchange = _Exchange(request, self._number, self._generation, receive, send)
+        await self._perform(step, exchange)
 
-    async def _perform(
-        self,
-        step: Step | None,
-        request: RecordedRequest,
-        number: int,
-        generation: int,
-        receive: Receive,
-        send: Send,
-    ) -> None:
+    async def _perform(self, step: Step | None, ex: _Exchange) -> None:
         if isinstance(step, Close):
-            _transport(send).close()
-            await _until_disconnect(receive)  # so uvicorn sees the close, not a missing reply
+            _transport(ex.send).close()
+            await _until_disconnect(ex.receive)  # so uvicorn sees the close, not a missing reply
             return
         wait = step.seconds if isinstance(step, Hang) else getattr(step, "delay_s", 0)
-        if (
-            isinstance(step, Hang | Reply)
-            and wait > 0
-            and await _disconnected_within(receive, wait)
-        ):
-            self._bump(generation, "disconnects")
+        if isinstance(step, Hang | Reply) and wait > 0 and await _left_within(ex.receive, wait):
+            self._bump(ex, "disconnects")
             return
         if step is None or isinstance(step, Hang):
-            step = self._default(request, number)
+            step = self._default(ex)
         elif isinstance(step, Reply) and step.json is None and step.body is None:
             if step.status >= 400:
                 step = replace(error_reply(step.status), headers=step.headers)
             else:
-                default = self._default(request, number)
-                step = replace(
-                    default, status=step.status, headers={**default.headers, **step.headers}
-                )
+                default = self._default(ex)
+                headers = {**default.headers, **step.headers}
+                step = replace(default, status=step.status, headers=headers)
         if isinstance(step, Stream):
-            await self._stream(step, generation, receive, send)
+            await self._stream(step, ex)
         else:
-            await _send_reply(step, send)  # type: ignore[arg-type]
+            await _send_reply(step, ex.send)  # type: ignore[arg-type]
 
-    def _default(self, request: RecordedRequest, number: int) -> Reply | Stream:
-        path, body = request.path, request.json
-        if request.method == "GET" and path.endswith("/models"):
+    def _default(self, ex: _Exchange) -> Reply | Stream:
+        method, path, body = ex.request.method, ex.request.path, ex.request.json
+        if method == "GET" and path.endswith("/models"):
             models = [
                 {"id": m, "object": "model", "created": CREATED, "owned_by": "fake"}
                 for m in self.models
             ]
             return Reply(json={"object": "list", "data": models})
-        if request.method != "POST" or not path.endswith(("/completions", "/embeddings")):
-            return error_reply(
-                404, f"fake upstream: no route {request.method} {path}", code="not_found"
-            )
+        if method != "POST" or not path.endswith(("/completions", "/embeddings")):
+            return error_reply(404, f"fake upstream: no route {method} {path}", code="not_found")
         if not isinstance(body, dict):
             return error_reply(400, "fake upstream: body is not a JSON object")
         if path.endswith("/chat/completions"):
-            return chat_answer(body, number)
+            return chat_answer(body, ex.number)
         if path.endswith("/completions"):
-            return completion_answer(body, number)
+            return completion_answer(body, ex.number)
         return embeddings_answer(body)
 
-    async def _stream(self, step: Stream, generation: int, receive: Receive, send: Send) -> None:
-        headers = {"content-type": "text/event-stream", "cache-control": "no-cache"}
-        headers = _encode_headers({**headers, **step.headers})
-        await send({"type": "http.response.start", "status": step.status, "headers": headers})
-        progress: dict[str, bool] = {"ending": False, "dropped": False}
-        writer = asyncio.create_task(self._write_events(step, generation, send, progress))
-        watcher = asyncio.create_task(_until_disconnect(receive))
+    async def _stream(self, step: Stream, ex: _Exchange) -> None:
+        headers = {"content-type": "text/event-stream", "cache-control": "no-cache", **step.headers}
+        start = {"type": "http.response.start", "status": step.status}
+        await ex.send({**start, "headers": _encode_headers(headers)})
+        writer = asyncio.create_task(self._write_events(step, ex))
+        watcher = asyncio.create_task(_until_disconnect(ex.receive))
         try:
             done, _ = await asyncio.wait({writer, watcher}, return_when=asyncio.FIRST_COMPLETED)
-            if writer in done and progress["dropped"]:
+            if writer in done and ex.dropped:
                 await watcher  # let uvicorn see the closed connection before we return
-            elif writer not in done and progress["ending"]:
+            elif writer not in done and ex.ending:
                 await writer  # uvicorn signals a completed response as a disconnect
         finally:
             writer.cancel()
             watcher.cancel()
             await asyncio.gather(writer, watcher, return_exceptions=True)
         if writer.cancelled() or isinstance(writer.exception(), OSError):
-            self._bump(generation, "disconnects")
+            self._bump(ex, "disconnects")
         elif (error := writer.exception()) is not None:
             raise error
 
-    async def _write_events(
-        self, step: Stream, generation: int, send: Send, progress: dict[str, bool]
-    ) -> None:
+    async def _write_events(self, step: Stream, ex: _Exchange) -> None:
         async def emit(data: bytes, more: bool = True) -> None:
-            await send({"type": "http.response.body", "body": data, "more_body": more})
+            await ex.send({"type": "http.response.body", "body": data, "more_body": more})
 
         for i, chunk in enumerate(step.chunks[: step.drop_after]):
             if i and step.gate:
@@ -472,16 +442,16 @@ class FakeUpstream:
             if i and step.delay_s:
                 await asyncio.sleep(step.delay_s)
             await emit(chunk.encode() if isinstance(chunk, str) else _sse(chunk))
-            self._bump(generation, "sent_chunks")
+            self._bump(ex, "sent_chunks")
         if step.drop_after is not None:
-            progress["dropped"] = True
-            _transport(send).close()
+            ex.dropped = True
+            _transport(ex.send).close()
             return
         if step.usage is not None:
             await emit(_sse(_usage_chunk(step.chunks, step.usage)))
         if step.done:
             await emit(b"data: [DONE]\n\n")
-        progress["ending"] = True
+        ex.ending = True
         await emit(b"", more=False)
 
     async def _gate(self) -> None:
@@ -493,6 +463,19 @@ class FakeUpstream:
                     self._permits -= 1
                     return
             await self._gate_event.wait()
+
+
+@dataclass
+class _Exchange:
+    """One request being answered."""
+
+    request: RecordedRequest
+    number: int  # requests since reset(), from 1: the N of default ids like chatcmpl-fake-N
+    generation: int
+    receive: Receive
+    send: Send
+    ending: bool = False  # the final (empty) body message is being sent
+    dropped: bool = False  # we closed the connection on purpose (drop_after)
 
 
 # ---- ASGI plumbing --------------------------------------------------------------------
@@ -553,7 +536,7 @@ async def _until_disconnect(receive: Receive) -> None:
         pass
 
 
-async def _disconnected_within(receive: Receive, seconds: float) -> bool:
+async def _left_within(receive: Receive, seconds: float) -> bool:
     try:
         await asyncio.wait_for(_until_disconnect(receive), seconds)
     except TimeoutError:
