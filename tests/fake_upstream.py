@@ -301,14 +301,12 @@ class FakeUpstream:
 
     def enqueue(self, *steps: Step) -> None:
         """Script the next responses, whatever their path."""
-        self._push(self._queue, steps)
+        self._push(steps)
 
     def enqueue_for(self, path: str, *steps: Step) -> None:
         """Script the next responses to `path` exactly (e.g. "/v1/chat/completions");
         they are used before the steps of `enqueue`."""
-        with self._lock:
-            queue = self._path_queues.setdefault(path, deque())
-        self._push(queue, steps)
+        self._push(steps, path)
 
     @property
     def pending(self) -> int:
@@ -332,11 +330,12 @@ class FakeUpstream:
             self._queue.clear()
             self._path_queues.clear()
 
-    def _push(self, queue: deque[Step], steps: Sequence[Step]) -> None:
+    def _push(self, steps: Sequence[Step], path: str | None = None) -> None:
         for step in steps:
             if not isinstance(step, Reply | Stream | Hang | Close):
                 raise TypeError(f"not a script step: {step!r}")
         with self._lock:
+            queue = self._queue if path is None else self._path_queues.setdefault(path, deque())
             queue.extend(steps)
 
     def _bump(self, ex: _Exchange, counter: str) -> None:
