@@ -14,7 +14,14 @@ from gateway.context import RequestContext
 from gateway.errors import BudgetExceeded, PriceUnknown, RateLimited, StoreUnavailable
 from gateway.routing import Deployment
 from policies.budget import budget_scopes, rate_scopes
-from policies.store import BudgetRejection, BudgetScope, RateDecision, RateScope, Reservation, StoreError
+from policies.store import (
+    BudgetRejection,
+    BudgetScope,
+    RateDecision,
+    RateScope,
+    Reservation,
+    StoreError,
+)
 from pricing.cost import cost_nano, format_usd, max_cost_nano, output_cap
 from pricing.table import Price
 
@@ -110,7 +117,9 @@ async def admit(gw: Gateway, ctx: RequestContext, plan: list[Deployment]) -> Adm
             out = 0 if cap == 0 else output_cap(price, cap)
             amount = max(amount, max_cost_nano(price, count.tokens, out))
 
-    bscopes = budget_scopes(principal.team, principal.key_name, team.budget, team.key_budget, time.time())
+    bscopes = budget_scopes(
+        principal.team, principal.key_name, team.budget, team.key_budget, time.time()
+    )
     result = await guarded(gw, ctx, gw.store.reserve(ctx.request_id, bscopes, amount), None)
     if isinstance(result, BudgetRejection):
         ctx.rejected = "budget"
@@ -139,7 +148,9 @@ def budget_message(rej: BudgetRejection, team: str) -> str:
     )
 
 
-async def settle(gw: Gateway, ctx: RequestContext, admission: Admission, deployment: str | None) -> None:
+async def settle(
+    gw: Gateway, ctx: RequestContext, admission: Admission, deployment: str | None
+) -> None:
     """Replace the reservation with the actual cost (0 when nothing was produced)."""
     if admission.settled:
         return

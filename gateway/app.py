@@ -54,7 +54,9 @@ async def list_models(request: Request) -> Response:
     allowed = gw.config.teams[request.state.principal.team].models
     names = [m for m in gw.config.models if allowed is None or m in allowed]
     created = int(gw.started_at)
-    data = [{"id": m, "object": "model", "created": created, "owned_by": "tallygate"} for m in names]
+    data = [
+        {"id": m, "object": "model", "created": created, "owned_by": "tallygate"} for m in names
+    ]
     return JSONResponse({"object": "list", "data": data})
 
 
@@ -110,10 +112,15 @@ def routes() -> list[Route]:
 async def not_found(request: Request, exc: Exception) -> Response:
     status = exc.status_code if isinstance(exc, HTTPException) else 404
     if status == 405:
-        message, code = f"Method {request.method} is not allowed on {request.url.path}.", "method_not_allowed"
+        message, code = (
+            f"Method {request.method} is not allowed on {request.url.path}.",
+            "method_not_allowed",
+        )
     else:
         message, code = f"Unknown path {request.url.path}.", "not_found"
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}}
+    body = {
+        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
+    }
     return error_response(status, body)
 
 

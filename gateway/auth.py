@@ -16,7 +16,9 @@ class KeyIndex:
         self._by_digest: dict[str, Principal] = {}
         for team, tcfg in config.teams.items():
             for key in tcfg.keys:
-                self._by_digest[key.digest] = Principal(team=team, key_name=key.name, admin=tcfg.admin)
+                self._by_digest[key.digest] = Principal(
+                    team=team, key_name=key.name, admin=tcfg.admin
+                )
 
     def authenticate(self, headers: Mapping[str, str]) -> Principal:
         key = presented_key(headers)

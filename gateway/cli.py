@@ -19,7 +19,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tallygate", description="OpenAI-compatible LLM gateway")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway")
-    serve.add_argument("--config", help="config file (default $TALLYGATE_CONFIG, else ./config.yaml)")
+    serve.add_argument(
+        "--config", help="config file (default $TALLYGATE_CONFIG, else ./config.yaml)"
+    )
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
     serve.add_argument("--workers", type=int)
@@ -31,7 +33,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     spend.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
 
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     logging.getLogger("tallygate").setLevel(logging.INFO)
     try:
         config = load_config(args.config)
@@ -48,7 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def describe(config: Config, path: str) -> str:
     lines = [f"{path}: OK"]
-    lines.append(f"providers: {', '.join(f'{n} ({p.kind})' for n, p in config.providers.items()) or 'none'}")
+    lines.append(
+        f"providers: {', '.join(f'{n} ({p.kind})' for n, p in config.providers.items()) or 'none'}"
+    )
     lines.append("models:")
     for alias, deps in config.models.items():
         chain = " → ".join(
@@ -58,12 +66,18 @@ def describe(config: Config, path: str) -> str:
     lines.append("teams:")
     for name, team in config.teams.items():
         budget = f"${team.budget.limit_usd} {team.budget.period}" if team.budget else "no budget"
-        key_budget = f", each key ${team.key_budget.limit_usd} {team.key_budget.period}" if team.key_budget else ""
+        key_budget = (
+            f", each key ${team.key_budget.limit_usd} {team.key_budget.period}"
+            if team.key_budget
+            else ""
+        )
         rl = team.rate_limit
         rate = f", {rl.rpm or '∞'} rpm / {rl.tpm or '∞'} tpm" if rl else ""
         models = ", ".join(team.models) if team.models is not None else "all models"
         admin = " [admin]" if team.admin else ""
-        lines.append(f"  {name}{admin}: {len(team.keys)} key(s), {budget}{key_budget}{rate}; {models}")
+        lines.append(
+            f"  {name}{admin}: {len(team.keys)} key(s), {budget}{key_budget}{rate}; {models}"
+        )
     lines.append(f"store: {config.store.backend}")
     return "\n".join(lines)
 
@@ -87,7 +101,16 @@ async def print_spend(config: Config, team: str | None, as_json: bool) -> int:
     if as_json:
         print(json.dumps(rows, indent=2))
         return 0
-    cols = ["team", "key", "period_key", "spent_usd", "reserved_usd", "limit_usd", "remaining_usd", "period_end"]
+    cols = [
+        "team",
+        "key",
+        "period_key",
+        "spent_usd",
+        "reserved_usd",
+        "limit_usd",
+        "remaining_usd",
+        "period_end",
+    ]
     table = [cols] + [[str(r[c]) if r[c] is not None else "-" for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     for row in table:
@@ -111,7 +134,11 @@ def run_server(config: Config, args: argparse.Namespace) -> int:
         log_level="warning",
         timeout_graceful_shutdown=config.server.drain_timeout_s,
     )
-    store = config.store.backend + (f" {config.store.path}" if config.store.backend == "local" else f" {redact_url(config.store.redis_url)}")
+    store = config.store.backend + (
+        f" {config.store.path}"
+        if config.store.backend == "local"
+        else f" {redact_url(config.store.redis_url)}"
+    )
     exporter = describe_exporter(config)
     print(
         f"tallygate listening on http://{host}:{port} (workers: {workers}; store: {store}; telemetry: {exporter})",
@@ -147,8 +174,10 @@ def describe_exporter(config: Config) -> str:
         return "none"
     if t.exporter == "console":
         return "console"
-    endpoint = t.endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    endpoint = (
+        t.endpoint
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
     )
     return f"otlp {t.protocol} {endpoint}" if endpoint else "none (no OTLP endpoint configured)"
 

@@ -34,7 +34,9 @@ class ServerConfig(Strict):
     port: int = Field(default=4000, ge=0, le=65535)
     workers: int = Field(default=1, ge=1)
     max_body_mb: float = Field(default=10, gt=0)
-    drain_timeout_s: float = Field(default=30, ge=0)  # SIGTERM: wait this long for in-flight requests
+    drain_timeout_s: float = Field(
+        default=30, ge=0
+    )  # SIGTERM: wait this long for in-flight requests
 
 
 class ProviderConfig(Strict):
@@ -43,7 +45,9 @@ class ProviderConfig(Strict):
     api_key: str | None = None
     api_version: str | None = None  # azure
     headers: dict[str, str] = Field(default_factory=dict)  # extra headers sent upstream
-    timeout_s: float = Field(default=600, gt=0)  # read timeout (between bytes), per deployment overridable
+    timeout_s: float = Field(
+        default=600, gt=0
+    )  # read timeout (between bytes), per deployment overridable
     connect_timeout_s: float = Field(default=5, gt=0)
     max_connections: int = Field(default=1000, ge=1)
     # mock only
@@ -100,7 +104,9 @@ class TeamConfig(Strict):
 class RoutingConfig(Strict):
     retries: int = Field(default=2, ge=0)
     backoff_s: float = Field(default=0.25, ge=0)
-    max_backoff_s: float = Field(default=8, ge=0)  # a longer Retry-After falls back instead of waiting
+    max_backoff_s: float = Field(
+        default=8, ge=0
+    )  # a longer Retry-After falls back instead of waiting
     cooldown_s: float = Field(default=30, ge=0)
     cooldown_after_failures: int = Field(default=3, ge=1)
 
@@ -179,7 +185,9 @@ def _cross_check(cfg: Config) -> list[str]:
     return errors
 
 
-def parse_config(data: Any, *, source: str = DEFAULT_CONFIG, env: Mapping[str, str] | None = None) -> Config:
+def parse_config(
+    data: Any, *, source: str = DEFAULT_CONFIG, env: Mapping[str, str] | None = None
+) -> Config:
     if data is None:
         data = {}
     if not isinstance(data, dict):

@@ -53,7 +53,9 @@ class RequestContext:
     upstream_wait_s: float = 0.0  # time spent waiting on upstream I/O (for overhead)
     first_chunk_at: float | None = None  # perf_counter of the first chunk sent to the client
 
-    response_headers: dict[str, str] = field(default_factory=dict)  # sent on every response (x-ratelimit-*)
+    response_headers: dict[str, str] = field(
+        default_factory=dict
+    )  # sent on every response (x-ratelimit-*)
 
     # results
     status: int = 0
@@ -69,7 +71,9 @@ class RequestContext:
     pricing_version: str | None = None
     budget_remaining_nano: int | None = None
     cancelled: bool = False  # client went away mid-stream
-    redactions: dict[str, int] = field(default_factory=dict)  # per detector, summed over the request
+    redactions: dict[str, int] = field(
+        default_factory=dict
+    )  # per detector, summed over the request
     rejected: str | None = None  # "budget" | "rate_limit" when admission refused
     trace: Any = None  # telemetry's per-request state (the SERVER span), owned by gateway.telemetry
 

@@ -22,7 +22,11 @@ def observe_body(ctx: RequestContext, data: dict[str, Any]) -> None:
             for call in message.get("tool_calls") or ():
                 fn = call.get("function") or {}
                 ctx.output_tool_calls.append(
-                    {"id": call.get("id"), "name": fn.get("name"), "arguments": fn.get("arguments") or ""}
+                    {
+                        "id": call.get("id"),
+                        "name": fn.get("name"),
+                        "arguments": fn.get("arguments") or "",
+                    }
                 )
         elif isinstance(choice.get("text"), str):
             ctx.output_text.append(choice["text"])
@@ -68,7 +72,11 @@ class StreamObserver:
         fn = call.get("function") or {}
         slot = self._calls.get(key)
         if slot is None:
-            slot = self._calls[key] = {"id": call.get("id"), "name": fn.get("name"), "arguments": ""}
+            slot = self._calls[key] = {
+                "id": call.get("id"),
+                "name": fn.get("name"),
+                "arguments": "",
+            }
             self.ctx.output_tool_calls.append(slot)
         if fn.get("arguments"):
             slot["arguments"] += fn["arguments"]

@@ -20,13 +20,24 @@ from starlette.responses import Response, StreamingResponse
 
 from gateway.admission import Admission, admit, settle
 from gateway.context import Attempt, RequestContext
-from gateway.errors import GatewayError, InvalidRequest, ModelNotFound, PermissionDenied, RequestTooLarge
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    PermissionDenied,
+    RequestTooLarge,
+)
 from gateway.metering import StreamObserver, generated_text, observe_body
 from gateway.providers.base import UpstreamResponse
 from gateway.routing import RETRYABLE_STATUS, Deployment, parse_retry_after
 from gateway.sse import SSEDecoder
 from gateway.state import Gateway
-from gateway.upstream_errors import TRANSPORT_ERRORS, error_type, map_transport_error, upstream_status_error
+from gateway.upstream_errors import (
+    TRANSPORT_ERRORS,
+    error_type,
+    map_transport_error,
+    upstream_status_error,
+)
 from pricing.cost import format_usd
 from pricing.usage import Usage
 
@@ -58,7 +69,9 @@ async def handle(gw: Gateway, request: Request, operation: str) -> Response:
     return await proceed(gw, ctx, plan, admission)
 
 
-async def proceed(gw: Gateway, ctx: RequestContext, plan: list[Deployment], admission: Admission) -> Response:
+async def proceed(
+    gw: Gateway, ctx: RequestContext, plan: list[Deployment], admission: Admission
+) -> Response:
     try:
         up, dep = await forward(gw, ctx, plan)
         if up.chunks is not None:
@@ -106,17 +119,23 @@ async def parse(gw: Gateway, ctx: RequestContext, request: Request) -> None:
     field = REQUIRED_FIELD[ctx.operation]
     value = body.get(field)
     if value is None or (field == "messages" and (not isinstance(value, list) or not value)):
-        raise InvalidRequest(f"'{field}' is a required property and must not be empty.", param=field)
+        raise InvalidRequest(
+            f"'{field}' is a required property and must not be empty.", param=field
+        )
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
-        raise InvalidRequest(f"'stream' must be a boolean, got {type(stream).__name__}.", param="stream")
+        raise InvalidRequest(
+            f"'stream' must be a boolean, got {type(stream).__name__}.", param="stream"
+        )
     ctx.body = body
     ctx.requested_model = model
     ctx.stream = bool(stream) and ctx.operation != "embeddings"
 
 
 def too_large(gw: Gateway) -> RequestTooLarge:
-    return RequestTooLarge(f"The request body is larger than the limit of {gw.config.server.max_body_mb} MB.")
+    return RequestTooLarge(
+        f"The request body is larger than the limit of {gw.config.server.max_body_mb} MB."
+    )
 
 
 def resolve(gw: Gateway, ctx: RequestContext) -> list[Deployment]:
@@ -148,7 +167,10 @@ def upstream_body(ctx: RequestContext, gw: Gateway, dep: Deployment) -> tuple[di
     if ctx.stream and ctx.operation != "embeddings":
         options = body.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage")):
-            body["stream_options"] = {**(options if isinstance(options, dict) else {}), "include_usage": True}
+            body["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
             hide_usage = True
     if gw.config.redaction.upstream:
         for name in ("messages", "prompt", "input"):
@@ -163,7 +185,9 @@ def add_counts(ctx: RequestContext, counts: dict[str, int]) -> None:
         ctx.redactions[kind] = ctx.redactions.get(kind, 0) + n
 
 
-async def forward(gw: Gateway, ctx: RequestContext, plan: list[Deployment]) -> tuple[UpstreamResponse, Deployment]:
+async def forward(
+    gw: Gateway, ctx: RequestContext, plan: list[Deployment]
+) -> tuple[UpstreamResponse, Deployment]:
     """Try deployments in order; retry retryable failures with backoff, then fall back.
 
     Nothing is retried once a response has been accepted (a stream is returned at its
@@ -263,7 +287,9 @@ def fail(gw: Gateway, ctx: RequestContext, exc: GatewayError) -> Response:
 
 def crash(gw: Gateway, ctx: RequestContext, exc: Exception) -> Response:
     log.exception("request %s failed inside the gateway", ctx.request_id)
-    return fail(gw, ctx, GatewayError(f"The gateway failed to handle the request ({type(exc).__name__})."))
+    return fail(
+        gw, ctx, GatewayError(f"The gateway failed to handle the request ({type(exc).__name__}).")
+    )
 
 
 def upstream_headers(up: UpstreamResponse, ctx: RequestContext, dep: Deployment) -> dict[str, str]:
@@ -287,7 +313,9 @@ async def passthrough_error(
     if "retry-after" in up.headers:
         headers["retry-after"] = up.headers["retry-after"]
     finish(gw, ctx, headers)
-    return Response(up.body, up.status, headers, media_type=up.headers.get("content-type", "application/json"))
+    return Response(
+        up.body, up.status, headers, media_type=up.headers.get("content-type", "application/json")
+    )
 
 
 def upstream_message(gw: Gateway, body: bytes) -> str:
@@ -316,10 +344,14 @@ async def whole_response(
     if ctx.cost_nano is not None:
         headers["x-tallygate-cost-usd"] = format_usd(ctx.cost_nano)
     finish(gw, ctx, headers)
-    return Response(up.body, up.status, headers, media_type=up.headers.get("content-type", "application/json"))
+    return Response(
+        up.body, up.status, headers, media_type=up.headers.get("content-type", "application/json")
+    )
 
 
-def estimate_usage(gw: Gateway, ctx: RequestContext, dep: Deployment, admission: Admission) -> Usage:
+def estimate_usage(
+    gw: Gateway, ctx: RequestContext, dep: Deployment, admission: Admission
+) -> Usage:
     """The upstream reported no usage: count what went in and what came out ourselves."""
     output = 0
     if ctx.operation != "embeddings":
@@ -335,7 +367,9 @@ def stream_response(
     headers = upstream_headers(up, ctx, dep)
     headers["cache-control"] = "no-cache"
     headers["x-tallygate-overhead-ms"] = f"{ctx.overhead_s * 1000:.3f}"
-    return StreamingResponse(relay(gw, ctx, up, dep, admission), headers=headers, media_type="text/event-stream")
+    return StreamingResponse(
+        relay(gw, ctx, up, dep, admission), headers=headers, media_type="text/event-stream"
+    )
 
 
 async def relay(

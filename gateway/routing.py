@@ -38,7 +38,9 @@ class Route:
 
 
 class Router:
-    def __init__(self, config: Config, *, clock=time.monotonic, rng: random.Random | None = None) -> None:
+    def __init__(
+        self, config: Config, *, clock=time.monotonic, rng: random.Random | None = None
+    ) -> None:
         self.policy: RoutingConfig = config.routing
         self._clock = clock
         self._rng = rng or random.Random()
@@ -74,11 +76,13 @@ class Router:
         return healthy + cooling
 
     def _weighted_order(self, group: list[Deployment]) -> list[Deployment]:
-        """Sampling without replacement in proportion to weight (Efraimidis–Spirakis keys)."""
+        """Sampling without replacement in proportion to weight (Efraimidis-Spirakis keys)."""
         if len(group) == 1:
             return group
         rng = self._rng
-        return sorted(group, key=lambda d: rng.random() ** (1.0 / (d.config.weight or 1.0)), reverse=True)
+        return sorted(
+            group, key=lambda d: rng.random() ** (1.0 / (d.config.weight or 1.0)), reverse=True
+        )
 
     def record_success(self, dep: Deployment) -> None:
         dep.failures = 0

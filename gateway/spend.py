@@ -12,7 +12,9 @@ from policies.store import Store
 from pricing.cost import format_usd
 
 
-async def spend_report(config: Config, store: Store, team: str | None = None) -> list[dict[str, Any]]:
+async def spend_report(
+    config: Config, store: Store, team: str | None = None
+) -> list[dict[str, Any]]:
     now = time.time()
     wanted = []
     for name, tcfg in config.teams.items():
@@ -46,11 +48,15 @@ async def spend_report(config: Config, store: Store, team: str | None = None) ->
                 "limit_usd": format_usd(limit) if limit is not None else None,
                 "spent_usd": format_usd(spent),
                 "reserved_usd": format_usd(reserved),
-                "remaining_usd": format_usd(max(0, limit - spent - reserved)) if limit is not None else None,
+                "remaining_usd": format_usd(max(0, limit - spent - reserved))
+                if limit is not None
+                else None,
             }
         )
     return report
 
 
 def iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if ts is not None else None
+    return (
+        datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if ts is not None else None
+    )

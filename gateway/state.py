@@ -57,7 +57,9 @@ class Gateway:
         hooks = hooks or TelemetryHooks()
         for name, prov in config.providers.items():
             if prov.kind not in PROVIDERS:
-                raise ConfigError(f"providers.{name}.kind: '{prov.kind}' is not implemented in this version")
+                raise ConfigError(
+                    f"providers.{name}.kind: '{prov.kind}' is not implemented in this version"
+                )
         counter = TokenCounter()
         prices = PriceTable.load(config.pricing.overrides)
         redactor = Redactor(config.redaction)
@@ -70,7 +72,8 @@ class Gateway:
             metric_reader=hooks.metric_reader,
             access_log=hooks.access_log,
             workers=config.server.workers,
-            known_models=set(config.models) | {d.model for ds in config.models.values() for d in ds},
+            known_models=set(config.models)
+            | {d.model for ds in config.models.values() for d in ds},
         )
         providers: dict[str, Provider] = {}
         for name, prov in config.providers.items():
@@ -90,7 +93,17 @@ class Gateway:
                         alias,
                         "refused" if config.pricing.on_unknown_price == "reject" else "not charged",
                     )
-        gw = cls(config, KeyIndex(config), Router(config), providers, counter, prices, store, redactor, telemetry)
+        gw = cls(
+            config,
+            KeyIndex(config),
+            Router(config),
+            providers,
+            counter,
+            prices,
+            store,
+            redactor,
+            telemetry,
+        )
         gw.ready = True
         return gw
 

@@ -26,9 +26,17 @@ def error_type(exc: BaseException) -> str:
         return "timeout"
     cause = exc.__cause__ or exc
     name = type(cause).__name__
-    if isinstance(exc, httpx.ConnectError) or "Connector" in name or isinstance(cause, ConnectionRefusedError):
+    if (
+        isinstance(exc, httpx.ConnectError)
+        or "Connector" in name
+        or isinstance(cause, ConnectionRefusedError)
+    ):
         return "connection_error"
-    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError) or "Disconnected" in name or "Payload" in name:
+    if (
+        isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError)
+        or "Disconnected" in name
+        or "Payload" in name
+    ):
         return "protocol_error"
     return "transport_error"
 
@@ -37,9 +45,10 @@ def map_transport_error(exc: BaseException, deployment: str) -> GatewayError:
     kind = error_type(exc)
     if kind == "timeout":
         return UpstreamTimeout(f"The upstream deployment '{deployment}' timed out.")
-    what = {"connection_error": "could not be reached", "protocol_error": "closed the connection"}.get(
-        kind, "failed"
-    )
+    what = {
+        "connection_error": "could not be reached",
+        "protocol_error": "closed the connection",
+    }.get(kind, "failed")
     return UpstreamError(f"The upstream deployment '{deployment}' {what}.")
 
 

@@ -20,15 +20,30 @@ from gateway.state import TelemetryHooks
 from tests.servers import ServerThread
 
 UPSTREAM_KEY = "sk-upstream-secret-0000"
-KEYS = {"alpha": "sk-alpha-key-1111", "alpha2": "sk-alpha-key-2222", "beta": "sk-beta-key-3333", "admin": "sk-admin-key-4444"}
+KEYS = {
+    "alpha": "sk-alpha-key-1111",
+    "alpha2": "sk-alpha-key-2222",
+    "beta": "sk-beta-key-3333",
+    "admin": "sk-admin-key-4444",
+}
 
 
 def base_config(upstream_url: str, db_path: Path) -> dict[str, Any]:
     """A config with two OpenAI-compatible deployments on the fake upstream, and the mock."""
     return {
         "providers": {
-            "up": {"kind": "openai", "base_url": upstream_url, "api_key": UPSTREAM_KEY, "timeout_s": 5},
-            "up2": {"kind": "openai", "base_url": upstream_url, "api_key": UPSTREAM_KEY, "timeout_s": 5},
+            "up": {
+                "kind": "openai",
+                "base_url": upstream_url,
+                "api_key": UPSTREAM_KEY,
+                "timeout_s": 5,
+            },
+            "up2": {
+                "kind": "openai",
+                "base_url": upstream_url,
+                "api_key": UPSTREAM_KEY,
+                "timeout_s": 5,
+            },
             "demo": {"kind": "mock"},
         },
         "models": {
@@ -42,12 +57,22 @@ def base_config(upstream_url: str, db_path: Path) -> dict[str, Any]:
             "demo": [{"provider": "demo", "model": "gpt-4o-mini"}],
         },
         "teams": {
-            "alpha": {"keys": [{"name": "alpha-app", "key": KEYS["alpha"]}, {"name": "alpha-ci", "key": KEYS["alpha2"]}]},
+            "alpha": {
+                "keys": [
+                    {"name": "alpha-app", "key": KEYS["alpha"]},
+                    {"name": "alpha-ci", "key": KEYS["alpha2"]},
+                ]
+            },
             "beta": {"keys": [{"name": "beta-app", "key": KEYS["beta"]}], "models": ["demo"]},
             "ops": {"keys": [{"name": "ops", "key": KEYS["admin"]}], "admin": True},
         },
         "store": {"backend": "local", "path": str(db_path)},
-        "routing": {"retries": 1, "backoff_s": 0.01, "cooldown_s": 30, "cooldown_after_failures": 3},
+        "routing": {
+            "retries": 1,
+            "backoff_s": 0.01,
+            "cooldown_s": 30,
+            "cooldown_after_failures": 3,
+        },
         "pricing": {"on_unknown_price": "reject"},
         "telemetry": {"exporter": "none", "capture_content": "redacted", "prometheus": True},
     }

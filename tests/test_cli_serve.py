@@ -21,7 +21,18 @@ def serve(tmp_path: Path, port: int, config: Path | None = None, env: dict | Non
     if config is None:
         config = tmp_path / "config.yaml"
         shutil.copy(REPO / "config.yaml", config)
-    cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(config), "--host", "127.0.0.1", "--port", str(port)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
     return run_process_server(cmd, port, env=env or {}, cwd=tmp_path)
 
 
@@ -29,8 +40,14 @@ def test_example_config_serves_the_demo_model(tmp_path: Path) -> None:
     port = free_port()
     with serve(tmp_path, port) as server:
         with openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-demo", max_retries=0) as c:
-            reply = c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "ping pong"}])
-            chunks = list(c.chat.completions.create(model="demo", messages=[{"role": "user", "content": "a b c"}], stream=True))
+            reply = c.chat.completions.create(
+                model="demo", messages=[{"role": "user", "content": "ping pong"}]
+            )
+            chunks = list(
+                c.chat.completions.create(
+                    model="demo", messages=[{"role": "user", "content": "a b c"}], stream=True
+                )
+            )
         assert reply.choices[0].message.content == "ping pong"
         assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "a b c"
         ready = httpx.get(f"{server.url}/readyz")
@@ -57,9 +74,14 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     port = free_port()
     result: dict = {}
     with serve(tmp_path, port, config) as server:
+
         def call() -> None:
-            r = httpx.post(f"{server.url}/v1/chat/completions", headers={"authorization": "Bearer sk-t"},
-                           json={"model": "slow", "messages": [{"role": "user", "content": "finish me"}]}, timeout=20)
+            r = httpx.post(
+                f"{server.url}/v1/chat/completions",
+                headers={"authorization": "Bearer sk-t"},
+                json={"model": "slow", "messages": [{"role": "user", "content": "finish me"}]},
+                timeout=20,
+            )
             result["status"], result["body"] = r.status_code, r.json()
 
         t = threading.Thread(target=call)

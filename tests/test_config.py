@@ -33,8 +33,18 @@ def error_for(data: dict, env: dict | None = None) -> str:
 
 def test_env_interpolation_with_defaults() -> None:
     cfg = parse_config(
-        with_({"teams": {"t": {"keys": [{"name": "k", "key": "${TEAM_KEY}"}]}},
-               "providers": {"o": {"kind": "openai", "api_key": "${OPENAI_KEY:-fallback-key}", "base_url": "http://${HOST:-localhost}:8000/v1"}}}),
+        with_(
+            {
+                "teams": {"t": {"keys": [{"name": "k", "key": "${TEAM_KEY}"}]}},
+                "providers": {
+                    "o": {
+                        "kind": "openai",
+                        "api_key": "${OPENAI_KEY:-fallback-key}",
+                        "base_url": "http://${HOST:-localhost}:8000/v1",
+                    }
+                },
+            }
+        ),
         env={"TEAM_KEY": "sk-from-env"},
     )
     assert cfg.teams["t"].keys[0].key == "sk-from-env"
@@ -82,7 +92,9 @@ def test_duplicate_key_given_as_plain_and_as_hash() -> None:
 
 
 def test_key_needs_exactly_one_secret() -> None:
-    msg = error_for(with_({"teams": {"t": {"keys": [{"name": "k", "key": "a", "sha256": "b" * 64}]}}}))
+    msg = error_for(
+        with_({"teams": {"t": {"keys": [{"name": "k", "key": "a", "sha256": "b" * 64}]}}})
+    )
     assert "teams.t.keys[0]" in msg
 
 
@@ -102,7 +114,13 @@ def test_example_config_loads() -> None:
 
 
 def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gateway", *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_check_config_prints_routes_teams_budgets() -> None:
@@ -122,7 +140,15 @@ def test_check_config_fails_with_the_key_path(tmp_path: Path) -> None:
 
 def test_config_path_from_environment(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
-    path.write_text("providers: {p: {kind: mock}}\nmodels: {only-here: [{provider: p, model: gpt-4o-mini}]}\n")
-    done = subprocess.run([sys.executable, "-m", "gateway", "check-config"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60, env={**__import__("os").environ, "TALLYGATE_CONFIG": str(path)})
+    path.write_text(
+        "providers: {p: {kind: mock}}\nmodels: {only-here: [{provider: p, model: gpt-4o-mini}]}\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**__import__("os").environ, "TALLYGATE_CONFIG": str(path)},
+    )
     assert done.returncode == 0 and "only-here" in done.stdout

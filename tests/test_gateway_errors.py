@@ -12,7 +12,14 @@ from tests.gateway_harness import KEYS, UPSTREAM_KEY, RunningGateway, merge, run
 HELLO = [{"role": "user", "content": "hello"}]
 
 
-def post(gw: RunningGateway, body: object = None, *, key: str | None = KEYS["alpha"], path: str = "/v1/chat/completions", **kw) -> httpx.Response:
+def post(
+    gw: RunningGateway,
+    body: object = None,
+    *,
+    key: str | None = KEYS["alpha"],
+    path: str = "/v1/chat/completions",
+    **kw,
+) -> httpx.Response:
     headers = {"authorization": f"Bearer {key}"} if key else {}
     headers.update(kw.pop("headers", {}))
     if body is None:
@@ -67,7 +74,10 @@ def test_401_missing_and_wrong_key(gateway: RunningGateway) -> None:
 
 
 def test_401_through_the_sdk(gateway: RunningGateway) -> None:
-    with openai.OpenAI(base_url=gateway.base_url, api_key="sk-nope", max_retries=0) as c, pytest.raises(openai.AuthenticationError):
+    with (
+        openai.OpenAI(base_url=gateway.base_url, api_key="sk-nope", max_retries=0) as c,
+        pytest.raises(openai.AuthenticationError),
+    ):
         c.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
 
 
@@ -79,7 +89,10 @@ def test_403_model_not_allowed(gateway: RunningGateway) -> None:
 
 
 def test_404_unknown_model(gateway: RunningGateway) -> None:
-    with openai.OpenAI(base_url=gateway.base_url, api_key=KEYS["alpha"], max_retries=0) as c, pytest.raises(openai.NotFoundError) as info:
+    with (
+        openai.OpenAI(base_url=gateway.base_url, api_key=KEYS["alpha"], max_retries=0) as c,
+        pytest.raises(openai.NotFoundError) as info,
+    ):
         c.chat.completions.create(model="no-such-model", messages=HELLO)
     assert info.value.code == "model_not_found"
     assert info.value.status_code == 404
@@ -95,15 +108,25 @@ def test_413_body_too_large(gateway_config: dict) -> None:
         big = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 20000}]}
         r = post(gw, big)
         # without a content-length the limit is enforced while reading
-        chunked = httpx.post(gw.url + "/v1/chat/completions", content=iter([b"{" + b" " * 20000 + b"}"]),
-                             headers={"authorization": f"Bearer {KEYS['alpha']}"})
+        chunked = httpx.post(
+            gw.url + "/v1/chat/completions",
+            content=iter([b"{" + b" " * 20000 + b"}"]),
+            headers={"authorization": f"Bearer {KEYS['alpha']}"},
+        )
     assert r.status_code == 413
     assert error_of(r)["code"] == "request_too_large"
     assert chunked.status_code == 413
 
 
 def test_upstream_4xx_passes_through(gateway: RunningGateway, fake_upstream: FakeUpstream) -> None:
-    body = {"error": {"message": "Invalid 'temperature': too high", "type": "invalid_request_error", "param": "temperature", "code": None}}
+    body = {
+        "error": {
+            "message": "Invalid 'temperature': too high",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": None,
+        }
+    }
     fake_upstream.enqueue(Reply(400, json=body))
     r = post(gateway)
     assert r.status_code == 400
@@ -111,7 +134,9 @@ def test_upstream_4xx_passes_through(gateway: RunningGateway, fake_upstream: Fak
     assert len(fake_upstream.requests) == 1  # a 4xx is not retried
 
 
-def test_502_after_retries_and_the_message_names_no_key(gateway: RunningGateway, fake_upstream: FakeUpstream) -> None:
+def test_502_after_retries_and_the_message_names_no_key(
+    gateway: RunningGateway, fake_upstream: FakeUpstream
+) -> None:
     fake_upstream.enqueue(error_reply(500), error_reply(500))
     r = post(gateway)
     assert r.status_code == 502
@@ -137,8 +162,15 @@ def test_502_connection_dropped(gateway: RunningGateway, fake_upstream: FakeUpst
 
 
 def test_504_timeout(gateway_config: dict, fake_upstream: FakeUpstream) -> None:
-    cfg = merge(gateway_config, {"models": {"gpt-4o-mini": [{"provider": "up", "model": "gpt-4o-mini", "timeout_s": 0.3}]},
-                                  "routing": {"retries": 0}})
+    cfg = merge(
+        gateway_config,
+        {
+            "models": {
+                "gpt-4o-mini": [{"provider": "up", "model": "gpt-4o-mini", "timeout_s": 0.3}]
+            },
+            "routing": {"retries": 0},
+        },
+    )
     with running_gateway(cfg) as gw:
         fake_upstream.enqueue(Hang(3))
         r = post(gw)
@@ -147,9 +179,21 @@ def test_504_timeout(gateway_config: dict, fake_upstream: FakeUpstream) -> None:
     assert err["type"] == "upstream_timeout" and err["code"] == "upstream_timeout"
 
 
-def test_429_from_every_deployment_passes_through(gateway: RunningGateway, fake_upstream: FakeUpstream) -> None:
-    limited = Reply(429, json={"error": {"message": "slow down", "type": "requests", "param": None, "code": "rate_limit_exceeded"}},
-                    headers={"retry-after": "60"})
+def test_429_from_every_deployment_passes_through(
+    gateway: RunningGateway, fake_upstream: FakeUpstream
+) -> None:
+    limited = Reply(
+        429,
+        json={
+            "error": {
+                "message": "slow down",
+                "type": "requests",
+                "param": None,
+                "code": "rate_limit_exceeded",
+            }
+        },
+        headers={"retry-after": "60"},
+    )
     fake_upstream.enqueue(limited)
     r = post(gateway)
     assert r.status_code == 429
@@ -159,5 +203,7 @@ def test_429_from_every_deployment_passes_through(gateway: RunningGateway, fake_
 
 
 def test_405_wrong_method(gateway: RunningGateway) -> None:
-    r = httpx.get(gateway.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEYS['alpha']}"})
+    r = httpx.get(
+        gateway.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEYS['alpha']}"}
+    )
     assert r.status_code == 405 and error_of(r)["code"] == "method_not_allowed"

@@ -15,7 +15,9 @@ def client(gw: RunningGateway, key: str = KEYS["alpha"]) -> openai.OpenAI:
     return openai.OpenAI(base_url=gw.base_url, api_key=key, max_retries=0)
 
 
-def test_chat_non_stream_echoes_and_reports_usage(gateway: RunningGateway, fake_upstream: FakeUpstream) -> None:
+def test_chat_non_stream_echoes_and_reports_usage(
+    gateway: RunningGateway, fake_upstream: FakeUpstream
+) -> None:
     with client(gateway) as c:
         raw = c.chat.completions.with_raw_response.create(model="gpt-4o-mini", messages=HELLO)
         reply = raw.parse()
@@ -29,8 +31,15 @@ def test_chat_non_stream_echoes_and_reports_usage(gateway: RunningGateway, fake_
     assert float(raw.headers["x-tallygate-overhead-ms"]) >= 0
 
 
-def test_upstream_gets_provider_key_and_untouched_fields(gateway: RunningGateway, fake_upstream: FakeUpstream) -> None:
-    tools = [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}]
+def test_upstream_gets_provider_key_and_untouched_fields(
+    gateway: RunningGateway, fake_upstream: FakeUpstream
+) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}},
+        }
+    ]
     with client(gateway) as c:
         c.chat.completions.create(
             model="fallback",
@@ -52,7 +61,9 @@ def test_upstream_gets_provider_key_and_untouched_fields(gateway: RunningGateway
     assert sent.json["messages"] == HELLO
 
 
-def test_chat_stream_hides_injected_usage(gateway: RunningGateway, fake_upstream: FakeUpstream) -> None:
+def test_chat_stream_hides_injected_usage(
+    gateway: RunningGateway, fake_upstream: FakeUpstream
+) -> None:
     with client(gateway) as c:
         chunks = list(c.chat.completions.create(model="gpt-4o-mini", messages=HELLO, stream=True))
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
@@ -68,16 +79,27 @@ def test_chat_stream_with_usage_requested(gateway: RunningGateway) -> None:
     with client(gateway) as c:
         chunks = list(
             c.chat.completions.create(
-                model="gpt-4o-mini", messages=HELLO, stream=True, stream_options={"include_usage": True}
+                model="gpt-4o-mini",
+                messages=HELLO,
+                stream=True,
+                stream_options={"include_usage": True},
             )
         )
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
     assert chunks[-1].choices == []
 
 
-def test_stream_without_upstream_usage_is_estimated(gateway: RunningGateway, fake_upstream: FakeUpstream) -> None:
+def test_stream_without_upstream_usage_is_estimated(
+    gateway: RunningGateway, fake_upstream: FakeUpstream
+) -> None:
     fake_upstream.enqueue(
-        Stream([chat_chunk("Hi", role="assistant"), chat_chunk(" you"), chat_chunk(None, finish_reason="stop")])
+        Stream(
+            [
+                chat_chunk("Hi", role="assistant"),
+                chat_chunk(" you"),
+                chat_chunk(None, finish_reason="stop"),
+            ]
+        )
     )
     with client(gateway) as c:
         chunks = list(c.chat.completions.create(model="gpt-4o-mini", messages=HELLO, stream=True))
@@ -88,7 +110,9 @@ def test_stream_without_upstream_usage_is_estimated(gateway: RunningGateway, fak
 
 
 async def test_async_client_stream_and_not(gateway: RunningGateway) -> None:
-    async with openai.AsyncOpenAI(base_url=gateway.base_url, api_key=KEYS["alpha"], max_retries=0) as c:
+    async with openai.AsyncOpenAI(
+        base_url=gateway.base_url, api_key=KEYS["alpha"], max_retries=0
+    ) as c:
         reply = await c.chat.completions.create(model="gpt-4o-mini", messages=HELLO)
         assert reply.choices[0].message.content == "hello there gateway"
         stream = await c.chat.completions.create(model="gpt-4o-mini", messages=HELLO, stream=True)
@@ -97,7 +121,10 @@ async def test_async_client_stream_and_not(gateway: RunningGateway) -> None:
 
 
 def test_mock_provider_non_stream_and_stream(gateway: RunningGateway) -> None:
-    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "echo me back"}]
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "echo me back"},
+    ]
     with client(gateway, KEYS["beta"]) as c:
         reply = c.chat.completions.create(model="demo", messages=messages)
         chunks = list(c.chat.completions.create(model="demo", messages=messages, stream=True))
@@ -105,7 +132,9 @@ def test_mock_provider_non_stream_and_stream(gateway: RunningGateway) -> None:
     assert reply.usage is not None and reply.usage.completion_tokens == 3
     # the mock counts the prompt with tiktoken, as OpenAI would
     assert reply.usage.prompt_tokens == 3 + (3 + 2) + (3 + 3) + 3
-    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "echo me back"
+    assert (
+        "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "echo me back"
+    )
 
 
 def test_completions_and_embeddings(gateway: RunningGateway, fake_upstream: FakeUpstream) -> None:
@@ -147,10 +176,16 @@ def test_sha256_key(gateway_config: dict) -> None:
     digest = hashlib.sha256(b"sk-hashed-only").hexdigest()
     gateway_config["teams"]["hashed"] = {"keys": [{"name": "h", "sha256": digest}]}
     with running_gateway(gateway_config) as gw:
-        ok = httpx.post(gw.base_url + "/chat/completions", headers={"authorization": "Bearer sk-hashed-only"},
-                        json={"model": "demo", "messages": HELLO})
-        bad = httpx.post(gw.base_url + "/chat/completions", headers={"authorization": f"Bearer {digest}"},
-                         json={"model": "demo", "messages": HELLO})
+        ok = httpx.post(
+            gw.base_url + "/chat/completions",
+            headers={"authorization": "Bearer sk-hashed-only"},
+            json={"model": "demo", "messages": HELLO},
+        )
+        bad = httpx.post(
+            gw.base_url + "/chat/completions",
+            headers={"authorization": f"Bearer {digest}"},
+            json={"model": "demo", "messages": HELLO},
+        )
     assert ok.status_code == 200
     assert bad.status_code == 401
 

@@ -36,7 +36,9 @@ def content_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return " ".join(p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text")
+        return " ".join(
+            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+        )
     return ""
 
 
@@ -82,8 +84,10 @@ class MockProvider:
         prompt = await self.counter.count_request(operation, model, body)
         if operation == "embeddings":
             return self._json(self._embeddings(model, body, prompt.tokens))
-        reply = self.config.text if self.config.text is not None else (
-            last_user_text(body) if operation == "chat" else prompt_text(body.get("prompt"))
+        reply = (
+            self.config.text
+            if self.config.text is not None
+            else (last_user_text(body) if operation == "chat" else prompt_text(body.get("prompt")))
         )
         completion = self.counter.count_text(model, reply).tokens
         usage = {
@@ -101,7 +105,9 @@ class MockProvider:
     def _json(self, obj: dict[str, Any]) -> UpstreamResponse:
         return UpstreamResponse(200, JSON_HEADERS, body=orjson.dumps(obj))
 
-    def _whole(self, operation: str, rid: str, model: str, reply: str, usage: dict[str, int]) -> dict[str, Any]:
+    def _whole(
+        self, operation: str, rid: str, model: str, reply: str, usage: dict[str, int]
+    ) -> dict[str, Any]:
         created = int(time.time())
         if operation == "chat":
             choice: dict[str, Any] = {
@@ -114,13 +120,25 @@ class MockProvider:
         else:
             choice = {"index": 0, "text": reply, "logprobs": None, "finish_reason": "stop"}
             obj = "text_completion"
-        return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice], "usage": usage}
+        return {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": model,
+            "choices": [choice],
+            "usage": usage,
+        }
 
     def _embeddings(self, model: str, body: dict[str, Any], tokens: int) -> dict[str, Any]:
         inputs = body.get("input")
-        items = inputs if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int) else [inputs]
+        items = (
+            inputs
+            if isinstance(inputs, list) and inputs and not isinstance(inputs[0], int)
+            else [inputs]
+        )
         data = [
-            {"object": "embedding", "index": i, "embedding": vector(str(item))} for i, item in enumerate(items)
+            {"object": "embedding", "index": i, "embedding": vector(str(item))}
+            for i, item in enumerate(items)
         ]
         return {
             "object": "list",
@@ -138,7 +156,14 @@ class MockProvider:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
-            obj = {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, **extra}
+            obj = {
+                "id": rid,
+                "object": kind,
+                "created": created,
+                "model": model,
+                "choices": choices,
+                **extra,
+            }
             return b"data: " + orjson.dumps(obj) + b"\n\n"
 
         def piece(text: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:

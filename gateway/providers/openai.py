@@ -17,7 +17,9 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 class OpenAIProvider:
     kind: ClassVar[str] = "openai"
 
-    def __init__(self, name: str, config: ProviderConfig, client: httpx.AsyncClient | None = None) -> None:
+    def __init__(
+        self, name: str, config: ProviderConfig, client: httpx.AsyncClient | None = None
+    ) -> None:
         self.name = name
         self.config = config
         self.base_url = (config.base_url or DEFAULT_BASE_URL).rstrip("/")
@@ -25,7 +27,11 @@ class OpenAIProvider:
         self.server_address: str | None = url.host
         self.server_port: int | None = url.port or (443 if url.scheme == "https" else 80)
         self.client = client or make_client(config)
-        self._headers = {"content-type": "application/json", **config.headers, **self.auth_headers()}
+        self._headers = {
+            "content-type": "application/json",
+            **config.headers,
+            **self.auth_headers(),
+        }
         self._timeouts: dict[float, httpx.Timeout] = {}
 
     def auth_headers(self) -> dict[str, str]:
@@ -63,7 +69,10 @@ class OpenAIProvider:
         response = await self.client.send(request, stream=True)
         if stream and response.status_code == 200:
             return UpstreamResponse(
-                response.status_code, response.headers, chunks=response.aiter_raw(), close=response.aclose
+                response.status_code,
+                response.headers,
+                chunks=response.aiter_raw(),
+                close=response.aclose,
             )
         try:
             content = await response.aread()
