@@ -19,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from policies.config import StoreConfig
-from policies.ratelimit import RateWindows, Tats, gcra_add_tokens, gcra_decide
+from policies.ratelimit import Bucket, RateWindows, empty_at, gcra_add_tokens, gcra_decide
 from policies.store import (
     BudgetRejection,
     BudgetScope,
@@ -55,10 +55,12 @@ CREATE TABLE IF NOT EXISTS settled (
     forget_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS settled_by_forget_at ON settled (forget_at);
-CREATE TABLE IF NOT EXISTS rate (
+CREATE TABLE IF NOT EXISTS rate_buckets (
     scope_id TEXT PRIMARY KEY,
-    tat_requests REAL NOT NULL,
-    tat_tokens REAL NOT NULL
+    at REAL NOT NULL,
+    level_requests REAL NOT NULL,
+    level_tokens REAL NOT NULL,
+    empty_at REAL NOT NULL
 ) WITHOUT ROWID;
 """
 
@@ -70,11 +72,8 @@ _ADD_SPENT = """
 INSERT INTO ledger (scope_id, period_key, spent_nano) VALUES (?, ?, ?)
 ON CONFLICT (scope_id, period_key) DO UPDATE SET spent_nano = spent_nano + excluded.spent_nano
 """
-_SET_TATS = """
-INSERT INTO rate (scope_id, tat_requests, tat_tokens) VALUES (?, ?, ?)
-ON CONFLICT (scope_id) DO UPDATE SET tat_requests = excluded.tat_requests, tat_tokens = excluded.tat_tokens
-"""
-_RATE_SWEEP_EVERY = 4096  # forget idle rate rows every this many acquires (per process)
+_SET_BUCKET = "INSERT OR REPLACE INTO rate_buckets VALUES (?, ?, ?, ?, ?)"
+_RATE_SWEEP_EVERY = 4096  # forget drained rate buckets every this many acquires (per process)
 
 
 class LocalStore:
@@ -165,7 +164,7 @@ class LocalStore:
             raise StoreError("local store is not started")
         try:
             return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"sqlite store {self._config.path}: {exc}") from exc
 
     # below: runs in the worker thread only
@@ -285,34 +284,45 @@ class LocalStore:
 
         return self._transaction(tx)
 
-    def _read_tats(
+    def _read_buckets(
         self, conn: sqlite3.Connection, scopes: tuple[RateScope, ...]
-    ) -> dict[str, Tats]:
+    ) -> dict[str, Bucket]:
         ids = [s.scope_id for s in scopes]
         rows = conn.execute(
-            f"SELECT scope_id, tat_requests, tat_tokens FROM rate WHERE scope_id IN ({','.join('?' * len(ids))})",
+            "SELECT scope_id, at, level_requests, level_tokens FROM rate_buckets "
+            f"WHERE scope_id IN ({','.join('?' * len(ids))})",
             ids,
         ).fetchall()
-        return {scope_id: (tat_r, tat_t) for scope_id, tat_r, tat_t in rows}
+        return {scope_id: (at, level_r, level_t) for scope_id, at, level_r, level_t in rows}
+
+    def _write_buckets(
+        self, conn: sqlite3.Connection, scopes: tuple[RateScope, ...], new: dict[str, Bucket]
+    ) -> None:
+        conn.executemany(
+            _SET_BUCKET,
+            [
+                (s.scope_id, *new[s.scope_id], empty_at(s, new[s.scope_id]))
+                for s in scopes
+                if s.scope_id in new
+            ],
+        )
 
     def _rate_acquire(self, scopes: tuple[RateScope, ...], tokens: int, now: float) -> RateDecision:
         def tx(conn: sqlite3.Connection) -> RateDecision:
-            decision, new = gcra_decide(scopes, self._read_tats(conn, scopes), tokens, now)
+            decision, new = gcra_decide(scopes, self._read_buckets(conn, scopes), tokens, now)
             if new is not None:
-                conn.executemany(_SET_TATS, [(k, r, t) for k, (r, t) in new.items()])
+                self._write_buckets(conn, scopes, new)
             self._rate_calls += 1
             if self._rate_calls % _RATE_SWEEP_EVERY == 0:
-                conn.execute(
-                    "DELETE FROM rate WHERE tat_requests <= ? AND tat_tokens <= ?", (now, now)
-                )
+                conn.execute("DELETE FROM rate_buckets WHERE empty_at <= ?", (now,))
             return decision
 
         return self._transaction(tx)
 
     def _rate_add_tokens(self, scopes: tuple[RateScope, ...], tokens: int, now: float) -> None:
         def tx(conn: sqlite3.Connection) -> None:
-            new = gcra_add_tokens(scopes, self._read_tats(conn, scopes), tokens, now)
-            conn.executemany(_SET_TATS, [(k, r, t) for k, (r, t) in new.items()])
+            new = gcra_add_tokens(scopes, self._read_buckets(conn, scopes), tokens, now)
+            self._write_buckets(conn, scopes, new)
 
         self._transaction(tx)
 

@@ -6,7 +6,7 @@ slot; the tag is the team name with ``%``, ``{`` and ``}`` percent-encoded)::
     tallygate:{tag}:ledger:<scope_id>:<period_key>  hash   spent, reserved (nano-USD)
     tallygate:{tag}:resv:<scope_id>:<period_key>    zset   "<amount>:<request_id>" by expiry (ms)
     tallygate:{tag}:req:<request_id>                string "r" reserved | "s" settled
-    tallygate:{tag}:rate:<scope_id>                 hash   r, t: GCRA tats (ms)
+    tallygate:{tag}:rate:<scope_id>                 hash   at (ms), r, t: GCRA bucket levels
 
 Ledger and reservation sets of a dated period expire 35 days after the period ends;
 "total" ones never do. Reservation expiry and rate windows use the server's clock
@@ -126,72 +126,83 @@ return {v[1] or '0', v[2] or '0'}
 """
 )
 
-# GCRA, the arithmetic of policies/ratelimit.py in milliseconds.
+# GCRA as a leaky bucket, the arithmetic of policies/ratelimit.py with times in ms.
 _GCRA_FN = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local W, EPS = 60000, 0.001
-local function fmt(x) return string.format('%.3f', x) end
-local function store(key, r, tk)
-  redis.call('HSET', key, 'r', fmt(r), 't', fmt(tk))
-  redis.call('PEXPIREAT', key, string.format('%d', math.ceil(math.max(r, tk))))
+local W, EPS = 60000, 1e-6
+local function fmt(x) return string.format('%.17g', x) end
+local function drain(key, rpm, tpm)
+  local v = redis.call('HMGET', key, 'at', 'r', 't')
+  local at = tonumber(v[1]) or now
+  local elapsed = math.max(0, now - at)
+  local r, tk = tonumber(v[2]) or 0, tonumber(v[3]) or 0
+  if rpm > 0 then r = math.max(0, r - elapsed * rpm / W) end
+  if tpm > 0 then tk = math.max(0, tk - elapsed * tpm / W) end
+  return math.max(now, at), r, tk
+end
+local function wait_for(level, limit)
+  local over = level - limit
+  if over > EPS then return over * W / limit end
+  return 0
+end
+local function store(key, at, r, tk, rpm, tpm)
+  local empty = 0
+  if rpm > 0 then empty = r * W / rpm end
+  if tpm > 0 then empty = math.max(empty, tk * W / tpm) end
+  redis.call('HSET', key, 'at', fmt(at), 'r', fmt(r), 't', fmt(tk))
+  redis.call('PEXPIREAT', key, string.format('%d', math.ceil(at + empty)))
 end
 """
 
 # KEYS: rate hash per scope. ARGV: tokens, then (rpm or 0, tpm or 0) per scope.
-# Returns {allowed 1|0, retry_ms, limited_by or '', then (used_r_ms, used_t_ms) per scope}.
+# Returns {allowed 1|0, retry_ms, limited_by or '', then (level_r, level_t) per scope}.
 _RATE_ACQUIRE = (
     _GCRA_FN
     + """
 local tokens = tonumber(ARGV[1])
-local cur_r, cur_t, new_r, new_t = {}, {}, {}, {}
+local at, lr, lt, nr, nt = {}, {}, {}, {}, {}
 local retry, limited = 0, ''
 for i = 1, #KEYS do
-  local v = redis.call('HMGET', KEYS[i], 'r', 't')
   local rpm, tpm = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  cur_r[i] = math.max(tonumber(v[1]) or 0, now)
-  cur_t[i] = math.max(tonumber(v[2]) or 0, now)
-  new_r[i], new_t[i] = cur_r[i], cur_t[i]
+  at[i], lr[i], lt[i] = drain(KEYS[i], rpm, tpm)
+  nr[i], nt[i] = lr[i], lt[i]
   if rpm > 0 then
-    new_r[i] = cur_r[i] + W / rpm
-    local over = new_r[i] - now - W
-    if over > EPS and over > retry then retry, limited = over, 'requests' end
+    nr[i] = lr[i] + 1
+    local wait = wait_for(nr[i], rpm)
+    if wait > retry then retry, limited = wait, 'requests' end
   end
   if tpm > 0 and tokens > 0 then
-    local cost = tokens * W / tpm
-    new_t[i] = cur_t[i] + cost
-    local over = new_t[i] - now - W
-    if cost > W + EPS then over = W end
-    if over > EPS and over > retry then retry, limited = over, 'tokens' end
+    nt[i] = lt[i] + tokens
+    local wait = wait_for(nt[i], tpm)
+    if tokens > tpm then wait = W end
+    if wait > retry then retry, limited = wait, 'tokens' end
   end
 end
 local allowed = limited == ''
-local out = {allowed and 1 or 0, math.ceil(retry), limited}
+local out = {allowed and 1 or 0, fmt(retry), limited}
 for i = 1, #KEYS do
-  local r, tk = cur_r[i], cur_t[i]
+  local r, tk = lr[i], lt[i]
   if allowed then
-    r, tk = new_r[i], new_t[i]
-    store(KEYS[i], r, tk)
+    r, tk = nr[i], nt[i]
+    store(KEYS[i], at[i], r, tk, tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1]))
   end
-  out[#out + 1] = fmt(r - now)
-  out[#out + 1] = fmt(tk - now)
+  out[#out + 1] = fmt(r)
+  out[#out + 1] = fmt(tk)
 end
 return out
 """
 )
 
-# KEYS: rate hash per scope. ARGV: tokens, then tpm or 0 per scope.
+# KEYS: rate hash per scope. ARGV: tokens, then (rpm or 0, tpm or 0) per scope.
 _RATE_ADD_TOKENS = (
     _GCRA_FN
     + """
 local tokens = tonumber(ARGV[1])
 for i = 1, #KEYS do
-  local tpm = tonumber(ARGV[1 + i])
-  if tpm > 0 then
-    local v = redis.call('HMGET', KEYS[i], 'r', 't')
-    local r = tonumber(v[1]) or 0
-    store(KEYS[i], r, math.max(tonumber(v[2]) or 0, now) + tokens * W / tpm)
-  end
+  local rpm, tpm = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
+  local at, r, tk = drain(KEYS[i], rpm, tpm)
+  store(KEYS[i], at, r, tk + tokens, rpm, tpm)
 end
 return 1
 """
@@ -339,11 +350,11 @@ class RedisStore:
             "rate_acquire", [rate_key(group, s.scope_id) for s in scopes], args
         )
         states = tuple(
-            rate_state(s, (float(out[3 + 2 * i]) / 1000, float(out[4 + 2 * i]) / 1000), 0.0)
+            rate_state(s, float(out[3 + 2 * i]), float(out[4 + 2 * i]))
             for i, s in enumerate(scopes)
         )
         limited_by = out[2].decode() if out[2] else None
-        return RateDecision(out[0] == 1, out[1] / 1000, limited_by, states)
+        return RateDecision(out[0] == 1, float(out[1]) / 1000, limited_by, states)
 
     async def rate_add_tokens(self, scopes: tuple[RateScope, ...], tokens: int) -> None:
         scopes = tuple(s for s in scopes if s.tpm is not None)
@@ -351,7 +362,10 @@ class RedisStore:
             return
         group = _one_group(scopes)
         keys = [rate_key(group, s.scope_id) for s in scopes]
-        await self._script("rate_add_tokens", keys, [tokens, *(s.tpm for s in scopes)])
+        args: list[Any] = [tokens]
+        for s in scopes:
+            args += [s.rpm or 0, s.tpm or 0]
+        await self._script("rate_add_tokens", keys, args)
 
     # the one place redis errors become StoreError
 
