@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -145,6 +146,9 @@ def run_server(config: Config, args: argparse.Namespace) -> int:
         file=sys.stderr,
         flush=True,
     )
+    # uvicorn drains on SIGTERM, restores this handler, then re-raises the signal: a drained
+    # shutdown then exits 0 instead of dying by the signal.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     if workers == 1:
         from gateway.app import create_app
 

@@ -53,7 +53,7 @@ def base_config(upstream_url: str, db_path: Path) -> dict[str, Any]:
                 {"provider": "up2", "model": "gpt-4o", "name": "secondary"},
             ],
             "embed": [{"provider": "up", "model": "text-embedding-3-small"}],
-            "instruct": [{"provider": "up", "model": "gpt-3.5-turbo-instruct"}],
+            "instruct": [{"provider": "up", "model": "gpt-3.5-turbo"}],
             "demo": [{"provider": "demo", "model": "gpt-4o-mini"}],
         },
         "teams": {

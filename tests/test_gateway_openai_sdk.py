@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import httpx
 import openai
+import tiktoken
 
 from tests.fake_upstream import FakeUpstream, Stream, chat_chunk
 from tests.gateway_harness import KEYS, UPSTREAM_KEY, RunningGateway
@@ -130,8 +131,11 @@ def test_mock_provider_non_stream_and_stream(gateway: RunningGateway) -> None:
         chunks = list(c.chat.completions.create(model="demo", messages=messages, stream=True))
     assert reply.choices[0].message.content == "echo me back"
     assert reply.usage is not None and reply.usage.completion_tokens == 3
-    # the mock counts the prompt with tiktoken, as OpenAI would
-    assert reply.usage.prompt_tokens == 3 + (3 + 2) + (3 + 3) + 3
+    # the mock counts the prompt with tiktoken as OpenAI's cookbook does: 3 per message,
+    # its role and content, and 3 to prime the reply
+    enc = tiktoken.get_encoding("o200k_base")
+    per_message = sum(3 + len(enc.encode(m["role"])) + len(enc.encode(m["content"])) for m in messages)
+    assert reply.usage.prompt_tokens == per_message + 3
     assert (
         "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "echo me back"
     )
