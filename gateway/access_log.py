@@ -71,9 +71,7 @@ def access_record(
     attempt = ctx.attempts[-1] if ctx.attempts else None
     usage = ctx.usage
     ttft = (
-        ctx.first_chunk_at - ctx.started
-        if ctx.stream and ctx.first_chunk_at is not None
-        else None
+        ctx.first_chunk_at - ctx.started if ctx.stream and ctx.first_chunk_at is not None else None
     )
     return {
         "timestamp": iso_utc(end_unix),
@@ -121,10 +119,7 @@ def _logfmt_value(value: Any) -> str:
 
 def format_text(record: dict[str, Any]) -> str:
     """logfmt: `key=value` pairs, empty fields left out, values quoted when needed."""
-    return (
-        " ".join(f"{k}={_logfmt_value(v)}" for k, v in record.items() if v is not None)
-        + "\n"
-    )
+    return " ".join(f"{k}={_logfmt_value(v)}" for k, v in record.items() if v is not None) + "\n"
 
 
 class AccessLog:

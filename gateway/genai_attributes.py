@@ -317,7 +317,9 @@ def _text_parts(content: Any) -> list[dict[str, Any]]:
                 }
             )
         elif kind in ("thinking", "reasoning"):
-            parts.append({"type": "reasoning", "content": item.get("thinking", item.get("text", ""))})
+            parts.append(
+                {"type": "reasoning", "content": item.get("thinking", item.get("text", ""))}
+            )
         else:
             parts.append({"type": str(kind or "generic"), "value": "(not captured)"})
     return parts
@@ -413,7 +415,11 @@ def _responses_item(item: Mapping[str, Any]) -> dict[str, Any]:
         return {
             "role": "tool",
             "parts": [
-                {"type": "tool_call_response", "id": item.get("call_id"), "response": item.get("output")}
+                {
+                    "type": "tool_call_response",
+                    "id": item.get("call_id"),
+                    "response": item.get("output"),
+                }
             ],
         }
     return {"role": item.get("role", "user"), "parts": _text_parts(item.get("content"))}
