@@ -139,12 +139,15 @@ def test_stream_is_relayed_chunk_by_chunk(
     words = ["one ", "two ", "three"]
     fake_upstream.enqueue(Stream([chat_chunk(w) for w in words], gate=True))
     received: list[str] = []
-    with openai.OpenAI(base_url=gateway.base_url, api_key=KEYS["alpha"], max_retries=0) as c:
+    with openai.OpenAI(
+        base_url=gateway.base_url, api_key=KEYS["alpha"], max_retries=0, timeout=5
+    ) as c:
         stream = c.chat.completions.create(model="gpt-4o-mini", messages=HELLO, stream=True)
         for i, chunk in enumerate(stream):
             received.append(chunk.choices[0].delta.content or "")
-            # chunk i reached us while the upstream had sent only i+1 chunks: no buffering
-            assert fake_upstream.sent_chunks == i + 1
+            # chunk i reached us before the upstream may send chunk i+1 (it waits for our
+            # release): a gateway that buffered would stall here until the client timeout
+            assert fake_upstream.sent_chunks <= i + 1
             if i + 1 < len(words):
                 fake_upstream.release()
     assert "".join(received) == "one two three"
@@ -164,9 +167,8 @@ def test_mid_stream_drop_is_not_retried_and_ends_with_an_error_event(
     assert len(fake_upstream.requests) == 1  # nothing retried after the first byte
     wait_until(lambda: bool(gateway.log.getvalue()), within=5)
     line = gateway.access_lines()[-1]
-    assert (
-        line["output_tokens"] == 2 and line["tokens_estimated"] is True
-    )  # "partial answer " counted
+    expected = len(tiktoken.get_encoding("o200k_base").encode("partial answer "))
+    assert line["output_tokens"] == expected and line["tokens_estimated"] is True
 
 
 def test_client_disconnect_cancels_the_upstream_request(
