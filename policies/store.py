@@ -121,6 +121,12 @@ class Store(Protocol):
         """Spent and reserved per scope and period (all when scope_ids is None)."""
         ...
 
+    async def balances(self, scopes: tuple[BudgetScope, ...]) -> list[SpendRow]:
+        """Spent and reserved of exactly these scopes in their periods: one row per scope,
+        in order, zeros when nothing is recorded yet; expired reservations not counted.
+        Cheap (no scan), unlike spend(): for the remaining budget of every request."""
+        ...
+
 
 def open_store(config: StoreConfig, *, processes: int = 1) -> Store:
     """Build (not start) the configured store; the backend module is imported only here.

@@ -68,11 +68,20 @@ _ADD_RESERVED = """
 INSERT INTO ledger (scope_id, period_key, reserved_nano) VALUES (?, ?, ?)
 ON CONFLICT (scope_id, period_key) DO UPDATE SET reserved_nano = reserved_nano + excluded.reserved_nano
 """
-_ADD_SPENT = """
-INSERT INTO ledger (scope_id, period_key, spent_nano) VALUES (?, ?, ?)
-ON CONFLICT (scope_id, period_key) DO UPDATE SET spent_nano = spent_nano + excluded.spent_nano
+_SETTLE_SCOPE = """
+INSERT INTO ledger (scope_id, period_key, spent_nano, reserved_nano) VALUES (?1, ?2, ?3, -?4)
+ON CONFLICT (scope_id, period_key) DO UPDATE
+SET spent_nano = spent_nano + ?3, reserved_nano = reserved_nano - ?4
 """
 _SET_BUCKET = "INSERT OR REPLACE INTO rate_buckets VALUES (?, ?, ?, ?, ?)"
+_BALANCE = """
+SELECT
+    COALESCE((SELECT spent_nano FROM ledger WHERE scope_id = ?1 AND period_key = ?2), 0),
+    COALESCE((SELECT reserved_nano FROM ledger WHERE scope_id = ?1 AND period_key = ?2), 0),
+    (SELECT COALESCE(SUM(amount_nano), 0) FROM reservations
+     WHERE scope_id = ?1 AND period_key = ?2 AND expires_at <= ?3)
+"""
+_PURGE_SETTLED_EVERY = 256  # forget old settle tombstones every this many settles (per process)
 _RATE_SWEEP_EVERY = 4096  # forget drained rate buckets every this many acquires (per process)
 
 
@@ -95,7 +104,8 @@ class LocalStore:
         self._windows = RateWindows(clock) if processes == 1 else None
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # touched only in the worker thread
-        self._rate_calls = 0  # touched only in the worker thread
+        self._rate_calls = 0  # these two counters are touched only in the worker thread
+        self._settles = 0
 
     # lifecycle
 
@@ -141,6 +151,11 @@ class LocalStore:
 
     async def spend(self, scope_ids: tuple[str, ...] | None = None) -> list[SpendRow]:
         return await self._run(self._spend, scope_ids, self._clock())
+
+    async def balances(self, scopes: tuple[BudgetScope, ...]) -> list[SpendRow]:
+        if not scopes:
+            return []
+        return await self._run(self._balances, scopes, self._clock())
 
     # rate windows
 
@@ -246,20 +261,25 @@ class LocalStore:
         def tx(conn: sqlite3.Connection) -> None:
             if conn.execute("SELECT 1 FROM settled WHERE request_id = ?", (request_id,)).fetchone():
                 return  # settled before: nothing to do
-            held = conn.execute(
-                "SELECT scope_id, period_key, amount_nano FROM reservations WHERE request_id = ?",
-                (request_id,),
-            ).fetchall()
-            # Rows already released as expired are gone: only their spend is added.
+            # Rows already released as expired are gone: for them only the spend is added.
+            held = {
+                (scope_id, period_key): amount
+                for scope_id, period_key, amount in conn.execute(
+                    "DELETE FROM reservations WHERE request_id = ? "
+                    "RETURNING scope_id, period_key, amount_nano",
+                    (request_id,),
+                )
+            }
             conn.executemany(
-                "UPDATE ledger SET reserved_nano = reserved_nano - ? WHERE scope_id = ? AND period_key = ?",
-                [(amount, scope_id, period_key) for scope_id, period_key, amount in held],
+                _SETTLE_SCOPE,
+                [
+                    (s.scope_id, s.period_key, actual, held.get((s.scope_id, s.period_key), 0))
+                    for s in reservation.scopes
+                ],
             )
-            conn.execute("DELETE FROM reservations WHERE request_id = ?", (request_id,))
-            conn.executemany(
-                _ADD_SPENT, [(s.scope_id, s.period_key, actual) for s in reservation.scopes]
-            )
-            conn.execute("DELETE FROM settled WHERE forget_at < ?", (now,))
+            self._settles += 1
+            if self._settles % _PURGE_SETTLED_EVERY == 0:
+                conn.execute("DELETE FROM settled WHERE forget_at < ?", (now,))
             conn.execute("INSERT INTO settled VALUES (?, ?)", (request_id, now + self._ttl))
 
         self._transaction(tx)
@@ -283,6 +303,18 @@ class LocalStore:
             return [SpendRow(*row) for row in rows]
 
         return self._transaction(tx)
+
+    def _balances(self, scopes: tuple[BudgetScope, ...], now: float) -> list[SpendRow]:
+        # A read (no write lock): expired reservations are left for the next reserve to
+        # release, and subtracted here.
+        conn = self._db()
+        rows = []
+        for s in scopes:
+            spent, reserved, expired = conn.execute(
+                _BALANCE, (s.scope_id, s.period_key, now)
+            ).fetchone()
+            rows.append(SpendRow(s.scope_id, s.period_key, spent, reserved - expired))
+        return rows
 
     def _read_buckets(
         self, conn: sqlite3.Connection, scopes: tuple[RateScope, ...]

@@ -116,13 +116,19 @@ return 1
 """
 )
 
-# KEYS: ledger, zset. Returns {spent, reserved} after releasing expired reservations.
-_READ_LEDGER = (
+# KEYS: (ledger, zset) per scope.
+# Returns (spent, reserved) per scope, after releasing expired reservations.
+_READ_LEDGERS = (
     _SWEEP_FN
     + """
-sweep(KEYS[1], KEYS[2], now)
-local v = redis.call('HMGET', KEYS[1], 'spent', 'reserved')
-return {v[1] or '0', v[2] or '0'}
+local out = {}
+for i = 1, #KEYS / 2 do
+  sweep(KEYS[2 * i - 1], KEYS[2 * i], now)
+  local v = redis.call('HMGET', KEYS[2 * i - 1], 'spent', 'reserved')
+  out[#out + 1] = v[1] or '0'
+  out[#out + 1] = v[2] or '0'
+end
+return out
 """
 )
 
@@ -267,7 +273,7 @@ class RedisStore:
             for name, source in (
                 ("reserve", _RESERVE),
                 ("settle", _SETTLE),
-                ("read_ledger", _READ_LEDGER),
+                ("read_ledgers", _READ_LEDGERS),
                 ("rate_acquire", _RATE_ACQUIRE),
                 ("rate_add_tokens", _RATE_ADD_TOKENS),
             )
@@ -332,10 +338,19 @@ class RedisStore:
                 continue
             tag, scope_id, period_key = parsed
             zset = f"{PREFIX}:{{{tag}}}:resv:{scope_id}:{period_key}"
-            spent, reserved = await self._script("read_ledger", [key, zset], [])
+            spent, reserved = await self._script("read_ledgers", [key, zset], [])
             rows.append(SpendRow(scope_id, period_key, int(spent), int(reserved)))
         rows.sort(key=lambda r: (r.scope_id, r.period_key))
         return rows
+
+    async def balances(self, scopes: tuple[BudgetScope, ...]) -> list[SpendRow]:
+        if not scopes:
+            return []
+        out = await self._script("read_ledgers", _budget_keys(_one_group(scopes), scopes), [])
+        return [
+            SpendRow(s.scope_id, s.period_key, int(out[2 * i]), int(out[2 * i + 1]))
+            for i, s in enumerate(scopes)
+        ]
 
     # rate windows
 

@@ -304,6 +304,37 @@ async def test_spend_rows_filter_and_groups(kit: Kit) -> None:
     assert await kit.store.spend(()) == []
 
 
+async def test_balances_of_exact_scopes(kit: Kit) -> None:
+    scopes = team_and_key(1000, None)
+    assert await kit.store.balances(scopes) == [
+        SpendRow("team:search", "2026-11", 0, 0),
+        SpendRow("key:search/prod", "2026-11", 0, 0),
+    ]
+    done = await kit.store.reserve("done", scopes, 300)
+    assert isinstance(done, Reservation)
+    await kit.store.settle(done, 120)
+    assert isinstance(await kit.store.reserve("open", scopes, 200), Reservation)
+    other_period = (scope("team:search", 1000, period_key="2026-12"),)
+    assert await kit.store.balances(scopes[::-1] + other_period) == [
+        SpendRow("key:search/prod", "2026-11", 120, 200),
+        SpendRow("team:search", "2026-11", 120, 200),
+        SpendRow("team:search", "2026-12", 0, 0),
+    ]
+    assert await kit.store.balances(()) == []
+
+
+async def test_balances_leave_out_expired_reservations(kit: Kit) -> None:
+    store = await kit.open(reservation_ttl_s=1)
+    scopes = team_and_key(1000, None)
+    assert isinstance(await store.reserve("r1", scopes, 300), Reservation)
+    await kit.pass_time(1.2)
+    assert isinstance(await store.reserve("r2", scopes[1:], 50), Reservation)  # key scope only
+    assert await store.balances(scopes) == [
+        SpendRow("team:search", "2026-11", 0, 0),
+        SpendRow("key:search/prod", "2026-11", 0, 50),
+    ]
+
+
 async def test_scope_ids_and_teams_with_odd_characters(kit: Kit) -> None:
     scopes = (
         scope("team:a}b{c:d", 100, group="a}b{c:d"),
