@@ -7,6 +7,7 @@ workers sharing stdout) never interleave within a line.
 
 from __future__ import annotations
 
+import functools
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, TextIO
@@ -43,7 +44,15 @@ FIELDS = (
 
 def iso_utc(unix_s: float) -> str:
     """ISO-8601 UTC with milliseconds and a `Z`: 2025-06-01T12:00:00.123Z."""
-    return datetime.fromtimestamp(unix_s, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
+    whole = int(unix_s)
+    ms = int((unix_s - whole) * 1000)
+    return f"{_iso_second(whole)}.{ms:03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _iso_second(whole: int) -> str:
+    # one formatting per second, however many lines share it
+    return datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def usd(nano: int | None) -> str | None:
@@ -134,4 +143,5 @@ class AccessLog:
     def write(self, record: dict[str, Any]) -> str:
         line = self._format(record)
         self._stream.write(line)
+        self._stream.flush()  # a line per request, not a block every few KB (pipes, containers)
         return line

@@ -1,0 +1,139 @@
+"""gateway.access_log: the one line per request."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from gateway.access_log import FIELDS, AccessLog, access_record, format_text, iso_utc, usd
+from gateway.context import Attempt, Principal, RequestContext
+from pricing.usage import Usage
+
+
+def finished_context() -> RequestContext:
+    ctx = RequestContext(
+        request_id="req-42",
+        method="POST",
+        path="/v1/chat/completions",
+        operation="chat",
+        started=100.0,
+        started_unix=1_700_000_000.0,
+    )
+    ctx.body = {"model": "smart", "messages": [{"role": "user", "content": "secret prompt"}]}
+    ctx.requested_model = "smart"
+    ctx.principal = Principal(team="search", key_name="search-prod")
+    ctx.stream = True
+    ctx.first_chunk_at = 100.25
+    ctx.attempts = [
+        Attempt(1, "smart#0:anthropic", "anthropic", "anthropic", "claude-sonnet-4-5", None, None),
+        Attempt(2, "smart#1:openai", "openai", "openai", "gpt-4.1", None, None),
+    ]
+    ctx.status = 200
+    ctx.usage = Usage(input_tokens=12, output_tokens=34, estimated=True)
+    ctx.cost_nano = 123_450
+    ctx.output_text = ["secret completion"]
+    return ctx
+
+
+def test_record_fields_in_order() -> None:
+    record = access_record(
+        finished_context(),
+        trace_id="0af7651916cd43dd8448eb211c80319c",
+        span_id="b7ad6b7169203331",
+        end_unix=1_700_000_000.5,
+        latency_s=0.5,
+        overhead_s=0.0012345,
+    )
+    assert tuple(record) == FIELDS
+    assert record == {
+        "timestamp": "2023-11-14T22:13:20.500Z",
+        "request_id": "req-42",
+        "trace_id": "0af7651916cd43dd8448eb211c80319c",
+        "span_id": "b7ad6b7169203331",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "team": "search",
+        "key": "search-prod",
+        "model": "smart",
+        "deployment": "smart#1:openai",
+        "upstream_model": "gpt-4.1",
+        "status": 200,
+        "latency_ms": 500.0,
+        "ttft_ms": 250.0,
+        "attempts": 2,
+        "input_tokens": 12,
+        "output_tokens": 34,
+        "tokens_estimated": True,
+        "cost_usd": "0.000123450",
+        "overhead_ms": 1.234,
+        "error_type": None,
+        "cancelled": False,
+    }
+
+
+def test_refused_request_record() -> None:
+    ctx = RequestContext(request_id="r", method="POST", path="/v1/embeddings", operation="embeddings")
+    ctx.status = 401
+    ctx.error_type = "invalid_api_key"
+    record = access_record(
+        ctx, trace_id=None, span_id=None, end_unix=0.0, latency_s=0.001, overhead_s=0.001
+    )
+    assert record["team"] is None and record["key"] is None and record["deployment"] is None
+    assert record["attempts"] == 0 and record["cost_usd"] is None and record["ttft_ms"] is None
+    assert record["error_type"] == "invalid_api_key"
+
+
+def test_usd_is_exact_decimal_text() -> None:
+    assert usd(None) is None
+    assert usd(0) == "0.000000000"  # always nine decimals: nano-USD exactly
+    assert usd(1) == "0.000000001"
+    assert usd(1_500_000_000) == "1.500000000"
+    assert usd(123_456_789_012) == "123.456789012"
+
+
+def test_iso_utc() -> None:
+    assert iso_utc(0.0) == "1970-01-01T00:00:00.000Z"
+    assert iso_utc(1_700_000_000.999) == "2023-11-14T22:13:20.999Z"
+
+
+class CountingStream(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+
+    def write(self, s: str) -> int:
+        self.writes += 1
+        return super().write(s)
+
+
+def test_json_line_written_once_without_content_or_keys() -> None:
+    stream = CountingStream()
+    ctx = finished_context()
+    record = access_record(
+        ctx, trace_id="t", span_id="s", end_unix=1.0, latency_s=0.1, overhead_s=0.01
+    )
+    AccessLog(stream, "json").write(record)
+    assert stream.writes == 1
+    line = stream.getvalue()
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert json.loads(line) == record
+    assert "secret" not in line  # no prompt, no completion
+    assert "sk-" not in line
+
+
+def test_text_line_is_logfmt() -> None:
+    record = {
+        "timestamp": "2023-11-14T22:13:20.500Z",
+        "path": "/v1/chat/completions",
+        "team": "data science",
+        "error_type": None,
+        "cancelled": False,
+        "note": 'say "hi"',
+    }
+    assert format_text(record) == (
+        'timestamp=2023-11-14T22:13:20.500Z path=/v1/chat/completions team="data science" '
+        'cancelled=false note="say \\"hi\\""\n'
+    )
+    stream = CountingStream()
+    AccessLog(stream, "text").write(record)
+    assert stream.writes == 1 and stream.getvalue() == format_text(record)
