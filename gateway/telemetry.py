@@ -1,10 +1,91 @@
-"""Telemetry: traces, metrics and the access log of every request (setup and lifecycle)."""
+"""Telemetry: traces, metrics and the access log of every request (setup and lifecycle).
+
+The pipeline calls a small lifecycle API at fixed points (start_request, start_attempt,
+use_attempt, end_attempt, count, record_chunk_gap, finish_request); every call is
+guarded so that a failure inside telemetry is counted and logged once, never raised
+into a request. What the attributes are is decided in gateway.genai_attributes (pure);
+the access line in gateway.access_log; the Prometheus exposition in gateway.prometheus.
+
+Exporting never slows a request: spans and logs go through batch processors with
+bounded queues to a background thread; a dead or slow backend only costs dropped
+telemetry, counted in `tallygate.telemetry.dropped`, and one warning per outage instead
+of the exporters' per-batch error logs. This module is longer than most because the
+export plumbing (guarded exporters, counting processors, the log filter) belongs with
+the setup it is part of.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+import asyncio
+import contextlib
+import logging
+import os
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, Literal, TextIO
 
+import httpx
+import orjson
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry._logs import SeverityNumber
+from opentelemetry.metrics import CallbackOptions, NoOpMeterProvider, Observation
+from opentelemetry.propagators.textmap import Getter
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import (
+    BatchLogRecordProcessor,
+    LogRecordExporter,
+    LogRecordExportResult,
+)
+from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    ConsoleMetricExporter,
+    MetricExporter,
+    MetricExportResult,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    ConsoleSpanExporter,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as ga
+from opentelemetry.semconv._incubating.attributes.server_attributes import (
+    SERVER_ADDRESS,
+    SERVER_PORT,
+)
+from opentelemetry.semconv._incubating.attributes.service_attributes import (
+    SERVICE_INSTANCE_ID,
+)
+from opentelemetry.semconv._incubating.metrics import gen_ai_metrics as gm
+from opentelemetry.semconv.attributes.error_attributes import ERROR_TYPE
+from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATUS_CODE
+from opentelemetry.semconv.attributes.service_attributes import SERVICE_NAME, SERVICE_VERSION
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from pydantic import BaseModel, ConfigDict, Field
+
+from gateway import genai_attributes as gen
+from gateway.access_log import AccessLog, access_record
+from gateway.context import Attempt, RequestContext
+from gateway.prometheus import MetricSpec, PrometheusMetrics, prepare_multiprocess
+
+__all__ = ["METRICS", "Telemetry", "TelemetryConfig", "prepare_multiprocess"]
+
+logger = logging.getLogger("gateway.telemetry")
+
+Redact = Callable[[Any], tuple[Any, dict[str, int]]]
 
 
 class TelemetryConfig(BaseModel):
@@ -24,3 +105,1167 @@ class TelemetryConfig(BaseModel):
     export_logs: bool = False  # also export the access lines as OTLP logs
     max_queue_size: int = Field(default=2048, ge=1)  # batch processors' bounded queues
     export_timeout_s: float = Field(default=5.0, gt=0)
+
+
+# --- instruments -----------------------------------------------------------------------
+
+DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)  # fmt: skip
+TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216, 67108864)  # fmt: skip
+# the gateway's own time is sub-millisecond to milliseconds
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)  # fmt: skip
+
+_GENAI = (
+    ga.GEN_AI_OPERATION_NAME,
+    ga.GEN_AI_PROVIDER_NAME,
+    ga.GEN_AI_REQUEST_MODEL,
+    ga.GEN_AI_RESPONSE_MODEL,
+    SERVER_ADDRESS,
+    SERVER_PORT,
+)
+REQUESTS = "tallygate.requests"
+COST = "tallygate.cost"
+OVERHEAD = "tallygate.overhead.duration"
+REJECTIONS = "tallygate.rejections"
+RETRIES = "tallygate.retries"
+FALLBACKS = "tallygate.fallbacks"
+STORE_ERRORS = "tallygate.store.errors"
+EVENTS = "tallygate.events"
+REDACTIONS = "tallygate.redactions"
+DROPPED = "tallygate.telemetry.dropped"
+ERRORS = "tallygate.telemetry.errors"
+
+METRICS: tuple[MetricSpec, ...] = (
+    MetricSpec(
+        gm.GEN_AI_CLIENT_OPERATION_DURATION, "histogram", "s",
+        "GenAI operation duration (request received to response finished)",
+        (*_GENAI, ERROR_TYPE), DURATION_BUCKETS,
+    ),
+    MetricSpec(
+        gm.GEN_AI_CLIENT_TOKEN_USAGE, "histogram", "{token}",
+        "Billable tokens per request, by gen_ai.token.type (input includes cache tokens)",
+        (*_GENAI, ga.GEN_AI_TOKEN_TYPE, gen.TALLYGATE_TEAM), TOKEN_BUCKETS,
+    ),
+    MetricSpec(
+        gm.GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK, "histogram", "s",
+        "Time from request received to the first chunk sent (streams)",
+        _GENAI, DURATION_BUCKETS,
+    ),
+    MetricSpec(
+        gm.GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK, "histogram", "s",
+        "Time between consecutive chunks of a stream, after the first",
+        _GENAI, DURATION_BUCKETS,
+    ),
+    MetricSpec(
+        OVERHEAD, "histogram", "s",
+        "Time spent in the gateway, excluding the wait on the upstream",
+        (ga.GEN_AI_OPERATION_NAME,), OVERHEAD_BUCKETS,
+    ),
+    MetricSpec(
+        REQUESTS, "counter", "{request}", "Requests handled, by status",
+        (HTTP_RESPONSE_STATUS_CODE, gen.TALLYGATE_TEAM, ga.GEN_AI_OPERATION_NAME,
+         gen.TALLYGATE_MODEL, ERROR_TYPE),
+    ),
+    MetricSpec(
+        COST, "counter", "USD", "Cost of the requests, from the price table",
+        (gen.TALLYGATE_TEAM, gen.TALLYGATE_MODEL, ga.GEN_AI_REQUEST_MODEL),
+    ),
+    MetricSpec(
+        REJECTIONS, "counter", "{request}", "Requests refused by admission (budget, rate limit)",
+        (gen.TALLYGATE_TEAM, gen.TALLYGATE_REJECTION_KIND),
+    ),
+    MetricSpec(
+        RETRIES, "counter", "{attempt}", "Upstream attempts retried on the same deployment",
+        (gen.TALLYGATE_TEAM, gen.TALLYGATE_DEPLOYMENT, ERROR_TYPE),
+    ),
+    MetricSpec(
+        FALLBACKS, "counter", "{attempt}", "Upstream attempts moved to the next deployment",
+        (gen.TALLYGATE_TEAM, gen.TALLYGATE_DEPLOYMENT, ERROR_TYPE),
+    ),
+    MetricSpec(
+        STORE_ERRORS, "counter", "{error}", "Budget/rate-limit store calls that failed",
+        (gen.TALLYGATE_TEAM,),
+    ),
+    MetricSpec(
+        EVENTS, "counter", "{event}", "Other pipeline events counted by name",
+        (gen.TALLYGATE_EVENT, gen.TALLYGATE_TEAM),
+    ),
+    MetricSpec(
+        REDACTIONS, "counter", "{redaction}", "Values redacted, by detector",
+        (gen.TALLYGATE_TEAM, gen.TALLYGATE_REDACTION_TYPE),
+    ),
+    MetricSpec(
+        DROPPED, "counter", "{item}", "Spans, metric points and log records not exported",
+        (gen.TALLYGATE_SIGNAL, gen.TALLYGATE_DROP_REASON),
+    ),
+    MetricSpec(
+        ERRORS, "counter", "{error}", "Exceptions inside telemetry (never raised into a request)",
+        (gen.TALLYGATE_STAGE,),
+    ),
+)  # fmt: skip
+
+_EVENT_COUNTERS = {
+    "retry": RETRIES,
+    "fallback": FALLBACKS,
+    "rejection": REJECTIONS,
+    "store_error": STORE_ERRORS,
+}
+_EVENT_KEYS = {"kind": gen.TALLYGATE_REJECTION_KIND, "deployment": gen.TALLYGATE_DEPLOYMENT,
+               "error_type": ERROR_TYPE}  # fmt: skip
+
+
+class _Histogram:
+    """An OpenTelemetry histogram (None when no reader would see it) and its Prometheus
+    twin, recorded together."""
+
+    __slots__ = ("_otel", "_prom")
+
+    def __init__(self, otel: Callable[..., None] | None, prom: Any) -> None:
+        self._otel = otel
+        self._prom = prom
+
+    def __call__(self, value: float, attributes: Mapping[str, Any]) -> None:
+        if self._otel is not None:
+            self._otel(value, attributes)
+        if self._prom is not None:
+            self._prom.record(value, attributes)
+
+
+class _Counter:
+    """A counter summed in-process (a dict hit per add, far cheaper than the SDK's
+    synchronous counter) and read by an OpenTelemetry ObservableCounter at collection;
+    also recorded into its Prometheus twin. Safe from exporter threads."""
+
+    __slots__ = ("_lock", "_prom", "_totals")
+
+    def __init__(self, prom: Any) -> None:
+        self._prom = prom
+        self._totals: dict[frozenset[tuple[str, Any]], list[Any]] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, value: float, attributes: Mapping[str, Any]) -> None:
+        key = frozenset(attributes.items())
+        with self._lock:
+            entry = self._totals.get(key)
+            if entry is None:
+                self._totals[key] = [dict(attributes), value]
+            else:
+                entry[1] += value
+        if self._prom is not None:
+            self._prom.record(value, attributes)
+
+    def observe(self, _options: CallbackOptions) -> list[Observation]:
+        with self._lock:
+            return [Observation(total, attrs) for attrs, total in self._totals.values()]
+
+
+# --- export plumbing: one warning per outage, every drop counted --------------------------
+
+# The loggers the SDK and the OTLP exporters (1.45) use for export errors, retries and
+# queue-full warnings: per batch, on a dead endpoint, that is a log line every few seconds.
+_NOISY_LOGGERS = (
+    "opentelemetry.exporter.otlp.common.http",
+    "opentelemetry.exporter.otlp.proto.http._common",
+    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.http._log_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc.metric_exporter",
+    "opentelemetry.exporter.otlp.proto.grpc._log_exporter",
+    "opentelemetry.sdk._shared_internal",
+    "opentelemetry.sdk.metrics._internal.export",
+    "opentelemetry.sdk._logs._internal.export",
+    "opentelemetry.sdk.trace.export",
+)
+
+
+class _QuietExportLogs(logging.Filter):
+    """Swallows the exporters' warnings and errors, keeping the last one's text for the
+    single warning _ExportHealth logs when exporting starts to fail."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last_message = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            with contextlib.suppress(Exception):
+                self.last_message = record.getMessage()[:300]
+            return False
+        return True
+
+    def install(self) -> None:
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).addFilter(self)
+
+    def remove(self) -> None:
+        for name in _NOISY_LOGGERS:
+            logging.getLogger(name).removeFilter(self)
+
+
+class _ExportHealth:
+    """Per signal: counts what is dropped, logs once when exporting fails and once when
+    it recovers; during shutdown, once the backend is known dead, drops at once."""
+
+    def __init__(self, signal: str, target: str, telemetry: Telemetry) -> None:
+        self.signal = signal
+        self.target = target
+        self._telemetry = telemetry
+        self.failing = False
+        self.shutting_down = False
+
+    def skip(self) -> bool:
+        return self.shutting_down and self.failing
+
+    def succeeded(self) -> None:
+        if self.failing:
+            self.failing = False
+            logger.info("telemetry: exporting %s to %s recovered", self.signal, self.target)
+
+    def failed(self, count: int, reason: str = "export_failed") -> None:
+        self._telemetry._dropped(self.signal, reason, count)
+        if not self.failing:
+            self.failing = True
+            logger.warning(
+                "telemetry: exporting %s to %s failed (%s); dropping telemetry and counting it "
+                "in %s, further export errors are not logged until it recovers",
+                self.signal,
+                self.target,
+                self._telemetry._quiet.last_message or reason,
+                DROPPED,
+            )
+
+
+class _GuardedSpanExporter(SpanExporter):
+    def __init__(self, inner: SpanExporter, health: _ExportHealth) -> None:
+        self._inner = inner
+        self._health = health
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if self._health.skip():
+            self._health.failed(len(spans), "shutdown")
+            return SpanExportResult.FAILURE
+        try:
+            result = self._inner.export(spans)
+        except Exception:
+            result = SpanExportResult.FAILURE
+        if result is SpanExportResult.SUCCESS:
+            self._health.succeeded()
+        else:
+            self._health.failed(len(spans))
+        return result
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+class _GuardedLogExporter(LogRecordExporter):
+    def __init__(self, inner: LogRecordExporter, health: _ExportHealth) -> None:
+        self._inner = inner
+        self._health = health
+
+    def export(self, batch: Sequence[Any]) -> LogRecordExportResult:
+        if self._health.skip():
+            self._health.failed(len(batch), "shutdown")
+            return LogRecordExportResult.FAILURE
+        try:
+            result = self._inner.export(batch)
+        except Exception:
+            result = LogRecordExportResult.FAILURE
+        if result is LogRecordExportResult.SUCCESS:
+            self._health.succeeded()
+        else:
+            self._health.failed(len(batch))
+        return result
+
+    def shutdown(self) -> None:
+        self._inner.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self._inner.force_flush(timeout_millis)
+
+
+def _count_points(data: MetricsData) -> int:
+    return sum(
+        len(metric.data.data_points)
+        for rm in data.resource_metrics
+        for sm in rm.scope_metrics
+        for metric in sm.metrics
+    )
+
+
+class _GuardedMetricExporter(MetricExporter):
+    def __init__(self, inner: MetricExporter, health: _ExportHealth) -> None:
+        # the periodic reader reads these (private) preferences off its exporter
+        super().__init__(
+            preferred_temporality=inner._preferred_temporality,
+            preferred_aggregation=inner._preferred_aggregation,
+        )
+        self._inner = inner
+        self._health = health
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        if self._health.skip():
+            self._health.failed(_count_points(metrics_data), "shutdown")
+            return MetricExportResult.FAILURE
+        try:
+            result = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        except Exception:
+            result = MetricExportResult.FAILURE
+        if result is MetricExportResult.SUCCESS:
+            self._health.succeeded()
+        else:
+            self._health.failed(_count_points(metrics_data))
+        return result
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self._inner.force_flush(timeout_millis=timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+def _queue_of(processor: Any) -> tuple[Any, int]:
+    # BatchProcessor's deque and bound (private in the SDK; without them, only failed
+    # exports are counted, not queue-full drops)
+    inner = getattr(processor, "_batch_processor", None)
+    return getattr(inner, "_queue", None), getattr(inner, "_max_queue_size", 0)
+
+
+class _CountingBatchSpanProcessor(BatchSpanProcessor):
+    """Counts the spans a full queue drops (the SDK only logs them)."""
+
+    def __init__(self, exporter: SpanExporter, on_drop: Callable[[int], None], **kwargs: Any):
+        super().__init__(exporter, **kwargs)
+        self._on_drop = on_drop
+        self._queue, self._max = _queue_of(self)
+
+    def on_end(self, span: ReadableSpan) -> None:
+        queue = self._queue
+        if queue is not None and len(queue) >= self._max and span.context.trace_flags.sampled:
+            self._on_drop(1)
+        super().on_end(span)
+
+
+class _CountingBatchLogProcessor(BatchLogRecordProcessor):
+    def __init__(self, exporter: LogRecordExporter, on_drop: Callable[[int], None], **kwargs: Any):
+        super().__init__(exporter, **kwargs)
+        self._on_drop = on_drop
+        self._queue, self._max = _queue_of(self)
+
+    def on_emit(self, log_record: Any) -> None:
+        queue = self._queue
+        if queue is not None and len(queue) >= self._max:
+            self._on_drop(1)
+        super().on_emit(log_record)
+
+
+# --- per-request state -------------------------------------------------------------------
+
+
+class _HeaderGetter(Getter[Mapping[str, str]]):
+    """Reads W3C trace headers from any mapping: Starlette's Headers (case-insensitive)
+    or a plain dict whose keys may be capitalized."""
+
+    def get(self, carrier: Mapping[str, str], key: str) -> list[str] | None:
+        value = carrier.get(key)
+        if value is None and isinstance(carrier, dict):
+            for name, candidate in carrier.items():
+                if name.lower() == key:
+                    value = candidate
+                    break
+        return None if value is None else [value]
+
+    def keys(self, carrier: Mapping[str, str]) -> list[str]:
+        return list(carrier.keys())
+
+
+class _RequestTrace:
+    """What telemetry keeps per request, in RequestContext.trace."""
+
+    __slots__ = ("chunk_attrs", "context", "finished", "request_attrs", "span")
+
+    def __init__(self, span: trace.Span | None, ctx: otel_context.Context | None) -> None:
+        self.span = span
+        self.context = ctx
+        self.request_attrs: dict[str, Any] | None = None  # gen_ai.request.* of the body
+        self.chunk_attrs: dict[str, Any] | None = None  # metric attributes for chunk gaps
+        self.finished = False
+
+
+class _AttemptTrace:
+    """What telemetry keeps per attempt, in Attempt.span. A successful attempt's span
+    stays open (with its end time fixed) until finish_request adds the response,
+    usage and content that are only complete then."""
+
+    __slots__ = ("closed", "end_ns", "failed", "span")
+
+    def __init__(self, span: trace.Span) -> None:
+        self.span = span
+        self.end_ns: int | None = None
+        self.failed = False
+        self.closed = False
+
+
+class _CurrentSpan:
+    """use_attempt's context manager: attaches the attempt span's context on entry and
+    detaches it on exit; its own failures are counted, the body's exceptions propagate."""
+
+    __slots__ = ("_state", "_telemetry", "_token")
+
+    def __init__(self, telemetry: Telemetry, state: Any) -> None:
+        self._telemetry = telemetry
+        self._state = state
+        self._token: Any = None
+
+    def __enter__(self) -> None:
+        state = self._state
+        if isinstance(state, _AttemptTrace):
+            try:
+                self._token = otel_context.attach(trace.set_span_in_context(state.span))
+            except Exception:
+                self._telemetry._failed("use_attempt")
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._token is not None:
+            try:
+                otel_context.detach(self._token)
+            except Exception:
+                self._telemetry._failed("use_attempt")
+            self._token = None
+
+
+def _wall_ns(ctx: RequestContext, perf: float) -> int:
+    """A perf_counter reading of this request → epoch nanoseconds."""
+    return int((ctx.started_unix + (perf - ctx.started)) * 1e9)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value, default=str).decode()
+
+
+# --- the API ----------------------------------------------------------------------------
+
+
+class Telemetry:
+    """Traces, metrics and access log of one gateway process. Build with `create`."""
+
+    def __init__(self) -> None:  # use Telemetry.create
+        self.config = TelemetryConfig()
+        self._closed = False
+        self._failed_stages: set[str] = set()
+        self._dropped_total = 0
+        self._lock = threading.Lock()
+        self._quiet = _QuietExportLogs()
+        self._healths: list[_ExportHealth] = []
+        self._description = "none"
+
+    # -- setup --
+
+    @classmethod
+    def create(
+        cls,
+        config: TelemetryConfig,
+        *,
+        service_version: str,
+        instance_id: str | None = None,
+        redact: Redact | None = None,
+        span_exporter: SpanExporter | None = None,
+        metric_reader: MetricReader | None = None,
+        access_log: TextIO | None = None,
+        workers: int = 1,
+        known_models: Collection[str] = (),
+    ) -> Telemetry:
+        self = cls()
+        self.config = config
+        self._redact = redact
+        self._capture = config.capture_content
+        if self._capture == "redacted" and redact is None:
+            logger.warning(
+                "telemetry: capture_content is 'redacted' but no redactor was given: "
+                "prompts and completions are not captured"
+            )
+            self._capture = "none"
+        self._models = gen.ModelBuckets(known_models)
+        self._propagator = TraceContextTextMapPropagator()
+        self._getter = _HeaderGetter()
+        self._access = AccessLog(access_log or sys.stdout, config.log_format)
+        self._resource = Resource.create(
+            {
+                SERVICE_NAME: config.service_name,
+                SERVICE_VERSION: service_version,
+                SERVICE_INSTANCE_ID: instance_id or str(uuid.uuid4()),
+            }
+        )
+        timeout_ms = config.export_timeout_s * 1000.0
+        targets = self._targets()
+
+        # metrics first: the export plumbing counts its drops in a meter
+        readers: list[MetricReader] = [metric_reader] if metric_reader is not None else []
+        if config.exporter == "console":
+            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(out=sys.stderr)))
+        elif config.exporter == "otlp" and "metrics" in targets:
+            health = self._health("metrics", targets["metrics"][1])
+            readers.append(
+                PeriodicExportingMetricReader(
+                    _GuardedMetricExporter(self._otlp_metric_exporter(targets), health),
+                    export_timeout_millis=timeout_ms,
+                )
+            )
+        views = [
+            View(
+                instrument_name=spec.name,
+                aggregation=ExplicitBucketHistogramAggregation(boundaries=spec.buckets),
+            )
+            for spec in METRICS
+            if spec.buckets
+        ]
+        # no exemplars: at finish_request no span is current, and the filter costs µs
+        self._meter_provider = MeterProvider(
+            metric_readers=readers,
+            resource=self._resource,
+            views=views,
+            exemplar_filter=AlwaysOffExemplarFilter(),
+            shutdown_on_exit=False,
+        )
+        self.prometheus = PrometheusMetrics(METRICS, workers=workers) if config.prometheus else None
+        meter = self._meter_provider.get_meter("tallygate", service_version)
+        self._instruments: dict[str, Any] = {}
+        for spec in METRICS:
+            prom = self.prometheus.instruments[spec.name] if self.prometheus else None
+            if spec.kind == "counter":
+                counter = _Counter(prom)
+                meter.create_observable_counter(
+                    spec.name, [counter.observe], spec.unit, spec.description
+                )
+                self._instruments[spec.name] = counter
+            else:
+                histogram = meter.create_histogram(spec.name, spec.unit, spec.description)
+                # without a reader the SDK would still validate every measurement
+                self._instruments[spec.name] = _Histogram(
+                    histogram.record if readers else None, prom
+                )
+        i = self._instruments
+        self._m_duration = i[gm.GEN_AI_CLIENT_OPERATION_DURATION]
+        self._m_tokens = i[gm.GEN_AI_CLIENT_TOKEN_USAGE]
+        self._m_ttfc = i[gm.GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK]
+        self._m_chunk = i[gm.GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK]
+        self._m_overhead = i[OVERHEAD]
+        self._m_requests = i[REQUESTS]
+        self._m_cost = i[COST]
+        self._m_redactions = i[REDACTIONS]
+        self._m_dropped = i[DROPPED]
+        self._m_errors = i[ERRORS]
+
+        # traces
+        processor: Any = None
+        if span_exporter is not None:  # tests: synchronous, so spans are there at once
+            health = self._health("traces", type(span_exporter).__name__)
+            processor = SimpleSpanProcessor(_GuardedSpanExporter(span_exporter, health))
+        elif config.exporter == "console" or (config.exporter == "otlp" and "traces" in targets):
+            if config.exporter == "console":
+                exporter: SpanExporter = ConsoleSpanExporter(out=sys.stderr)
+                health = self._health("traces", "stderr")
+                self._description = "console"
+            else:
+                exporter = self._otlp_span_exporter(targets)
+                health = self._health("traces", targets["traces"][1])
+            processor = _CountingBatchSpanProcessor(
+                _GuardedSpanExporter(exporter, health),
+                lambda n: self._dropped("traces", "queue_full", n),
+                max_queue_size=config.max_queue_size,
+                max_export_batch_size=min(512, config.max_queue_size),
+                export_timeout_millis=timeout_ms,
+                meter_provider=self._meter_provider,
+            )
+        # nothing to export spans to: sample nothing, so spans cost almost nothing yet
+        # still carry ids for the access log and the upstream traceparent
+        sampler = ALWAYS_OFF if processor is None else None
+        self._tracer_provider = TracerProvider(
+            resource=self._resource, sampler=sampler, shutdown_on_exit=False
+        )
+        if processor is not None:
+            self._tracer_provider.add_span_processor(processor)
+        self._tracer = self._tracer_provider.get_tracer("tallygate", service_version)
+
+        # logs: the access lines, when asked for and there is somewhere to send them
+        self._logger_provider: LoggerProvider | None = None
+        self._otel_logger: Any = None
+        if config.export_logs and config.exporter == "otlp" and "logs" in targets:
+            health = self._health("logs", targets["logs"][1])
+            self._logger_provider = LoggerProvider(resource=self._resource, shutdown_on_exit=False)
+            self._logger_provider.add_log_record_processor(
+                _CountingBatchLogProcessor(
+                    _GuardedLogExporter(self._otlp_log_exporter(targets), health),
+                    lambda n: self._dropped("logs", "queue_full", n),
+                    max_queue_size=config.max_queue_size,
+                    max_export_batch_size=min(512, config.max_queue_size),
+                    export_timeout_millis=timeout_ms,
+                    meter_provider=self._meter_provider,
+                )
+            )
+            self._otel_logger = self._logger_provider.get_logger("tallygate.access")
+
+        if config.exporter == "otlp":
+            if targets:
+                self._description = f"otlp {config.protocol} → {self._describe_target(targets)}"
+            else:
+                self._description = "none (otlp: no endpoint configured)"
+        self._quiet.install()
+        return self
+
+    def _health(self, signal: str, target: str) -> _ExportHealth:
+        health = _ExportHealth(signal, target, self)
+        self._healths.append(health)
+        return health
+
+    def _targets(self) -> dict[str, tuple[str | None, str]]:
+        """Per signal: (endpoint to pass the exporter, or None to let it read the
+        OTEL_* environment; what to call it in logs). Absent: not exported."""
+        cfg = self.config
+        env = os.environ
+        http = cfg.protocol == "http/protobuf"
+        signals = ("traces", "metrics", "logs") if cfg.export_logs else ("traces", "metrics")
+        out: dict[str, tuple[str | None, str]] = {}
+        for signal in signals:
+            if cfg.endpoint:
+                base = cfg.endpoint.rstrip("/")
+                for suffix in ("/v1/traces", "/v1/metrics", "/v1/logs"):
+                    base = base.removesuffix(suffix)
+                url = f"{base}/v1/{signal}" if http else base
+                out[signal] = (url, url)
+            elif value := env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"):
+                out[signal] = (None, value)
+            elif value := env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+                out[signal] = (None, value)
+        return out
+
+    def _describe_target(self, targets: Mapping[str, tuple[str | None, str]]) -> str:
+        if self.config.endpoint:
+            return self.config.endpoint
+        return targets.get("traces", next(iter(targets.values())))[1]
+
+    def _exporter_kwargs(self, endpoint: str | None) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"timeout": self.config.export_timeout_s}
+        if endpoint is not None:
+            kwargs["endpoint"] = endpoint
+            if self.config.protocol == "grpc":
+                kwargs["insecure"] = endpoint.startswith("http://")
+        if self.config.headers:
+            kwargs["headers"] = dict(self.config.headers)
+        return kwargs
+
+    def _otlp_span_exporter(self, targets: Mapping[str, tuple[str | None, str]]) -> SpanExporter:
+        kwargs = self._exporter_kwargs(targets["traces"][0])
+        if self.config.protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+
+            return OTLPSpanExporter(**kwargs)
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+            OTLPSpanExporter as HTTPSpanExporter,
+        )
+
+        return HTTPSpanExporter(**kwargs)
+
+    def _otlp_metric_exporter(
+        self, targets: Mapping[str, tuple[str | None, str]]
+    ) -> MetricExporter:
+        kwargs = self._exporter_kwargs(targets["metrics"][0])
+        if self.config.protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+                OTLPMetricExporter,
+            )
+
+            return OTLPMetricExporter(**kwargs)
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+            OTLPMetricExporter as HTTPMetricExporter,
+        )
+
+        return HTTPMetricExporter(**kwargs)
+
+    def _otlp_log_exporter(
+        self, targets: Mapping[str, tuple[str | None, str]]
+    ) -> LogRecordExporter:
+        kwargs = self._exporter_kwargs(targets["logs"][0])
+        if self.config.protocol == "grpc":
+            from opentelemetry.exporter.otlp.proto.grpc._log_exporter import OTLPLogExporter
+
+            return OTLPLogExporter(**kwargs)
+        from opentelemetry.exporter.otlp.proto.http._log_exporter import (
+            OTLPLogExporter as HTTPLogExporter,
+        )
+
+        return HTTPLogExporter(**kwargs)
+
+    def describe(self) -> str:
+        """Where telemetry goes, for the startup line: "otlp http/protobuf → URL", "console",
+        "none"."""
+        return self._description
+
+    @property
+    def capture_content(self) -> bool:
+        """Whether finish_request captures content: the pipeline collects
+        ctx.output_text / ctx.output_tool_calls only when this is true."""
+        return self._capture != "none"
+
+    @property
+    def dropped(self) -> int:
+        """Telemetry items dropped so far (also the tallygate.telemetry.dropped counter)."""
+        return self._dropped_total
+
+    def instrument_client(self, client: httpx.AsyncClient) -> None:
+        """Trace this client's requests with our tracer provider: their HTTP spans nest
+        under the attempt span and carry `traceparent` to the provider."""
+        from opentelemetry.instrumentation.httpx import HTTPXClientInstrumentor
+
+        HTTPXClientInstrumentor.instrument_client(
+            client, tracer_provider=self._tracer_provider, meter_provider=NoOpMeterProvider()
+        )
+
+    # -- guards --
+
+    def _failed(self, stage: str) -> None:
+        """An exception inside telemetry: counted, logged once per stage, never raised."""
+        try:
+            self._m_errors(1, {gen.TALLYGATE_STAGE: stage})
+            if stage not in self._failed_stages:
+                self._failed_stages.add(stage)
+                logger.exception("telemetry: %s failed (logged once; requests unaffected)", stage)
+        except Exception:
+            pass
+
+    def _dropped(self, signal: str, reason: str, count: int) -> None:
+        try:
+            with self._lock:
+                self._dropped_total += count
+            self._m_dropped(
+                count, {gen.TALLYGATE_SIGNAL: signal, gen.TALLYGATE_DROP_REASON: reason}
+            )
+        except Exception:
+            pass
+
+    # -- per request --
+
+    def start_request(self, ctx: RequestContext, headers: Mapping[str, str]) -> None:
+        """The SERVER span "{method} {path}", continuing an incoming traceparent."""
+        try:
+            parent = self._propagator.extract(headers, getter=self._getter)
+            span = self._tracer.start_span(
+                f"{ctx.method} {ctx.path}",
+                context=parent,
+                kind=SpanKind.SERVER,
+                attributes=gen.server_request_attributes(
+                    method=ctx.method,
+                    path=ctx.path,
+                    request_id=ctx.request_id,
+                    user_agent=headers.get("user-agent"),
+                ),
+                start_time=int(ctx.started_unix * 1e9),
+            )
+            ctx.trace = _RequestTrace(span, trace.set_span_in_context(span))
+        except Exception:
+            self._failed("start_request")
+
+    def start_attempt(self, ctx: RequestContext, attempt: Attempt) -> None:
+        """The CLIENT span "{operation} {upstream model}" under the request's span."""
+        try:
+            state = ctx.trace
+            if not isinstance(state, _RequestTrace):
+                state = ctx.trace = _RequestTrace(None, None)
+            for earlier in ctx.attempts:  # a retry/fallback closes what came before
+                if earlier is not attempt and isinstance(earlier.span, _AttemptTrace):
+                    self._close_attempt(ctx, earlier, final=False)
+            if state.request_attrs is None:
+                state.request_attrs = gen.request_attributes(ctx.body, ctx.operation)
+            attributes = dict(state.request_attrs)
+            attributes.update(
+                gen.attempt_attributes(
+                    operation=ctx.operation,
+                    upstream_model=attempt.upstream_model,
+                    provider_kind=attempt.provider_kind,
+                    server_address=attempt.server_address,
+                    server_port=attempt.server_port,
+                    number=attempt.number,
+                    deployment=attempt.deployment,
+                    stream=ctx.stream,
+                )
+            )
+            span = self._tracer.start_span(
+                f"{ctx.operation} {attempt.upstream_model}",
+                context=state.context,
+                kind=SpanKind.CLIENT,
+                attributes=attributes,
+                start_time=_wall_ns(ctx, attempt.started),
+            )
+            attempt.span = _AttemptTrace(span)
+        except Exception:
+            self._failed("start_attempt")
+
+    def use_attempt(self, attempt: Attempt) -> contextlib.AbstractContextManager[None]:
+        """The attempt span as the current span (not ended on exit), so the httpx
+        instrumentation's span nests under it. Exceptions of the body pass through."""
+        return _CurrentSpan(self, attempt.span)
+
+    def end_attempt(self, ctx: RequestContext, attempt: Attempt) -> None:
+        """Ends the attempt: a failure sets error.type and ERROR status and ends the
+        span now; a success fixes the end time and leaves response, usage and content
+        to finish_request. Idempotent."""
+        try:
+            self._end_attempt(ctx, attempt, time.perf_counter())
+        except Exception:
+            self._failed("end_attempt")
+
+    def _end_attempt(self, ctx: RequestContext, attempt: Attempt, now: float) -> None:
+        state = attempt.span
+        if not isinstance(state, _AttemptTrace) or state.end_ns is not None:
+            return
+        state.end_ns = _wall_ns(ctx, attempt.ended if attempt.ended is not None else now)
+        error = gen.error_attributes(attempt.error_type, attempt.status)
+        if error:
+            state.failed = True
+            span = state.span
+            span.set_attributes(error)
+            span.set_status(Status(StatusCode.ERROR, error[ERROR_TYPE]))
+            self._close_attempt(ctx, attempt, final=False)
+
+    def _close_attempt(
+        self,
+        ctx: RequestContext,
+        attempt: Attempt,
+        *,
+        final: bool,
+        content: Mapping[str, str] | None = None,
+    ) -> None:
+        state = attempt.span
+        if not isinstance(state, _AttemptTrace) or state.closed:
+            return
+        if state.end_ns is None:
+            self._end_attempt(ctx, attempt, time.perf_counter())
+            if state.closed:
+                return
+        state.closed = True
+        span = state.span
+        if final and not state.failed and ctx.error_type and 0 < ctx.status < 400:
+            # the response had started (a stream) and then broke: the attempt failed
+            span.set_attribute(ERROR_TYPE, ctx.error_type)
+            span.set_status(Status(StatusCode.ERROR, ctx.error_type))
+        if not state.failed and span.is_recording():
+            ttfc = None
+            if (
+                ctx.stream
+                and ctx.first_chunk_at is not None
+                and ctx.first_chunk_at >= attempt.started
+            ):
+                ttfc = ctx.first_chunk_at - attempt.started
+            span.set_attributes(
+                gen.response_attributes(
+                    response_id=ctx.response_id,
+                    response_model=ctx.response_model,
+                    finish_reasons=ctx.finish_reasons,
+                    usage=ctx.usage,
+                    time_to_first_chunk_s=ttfc,
+                )
+            )
+        if content and final:
+            span.set_attributes(content)
+        span.end(end_time=state.end_ns)
+
+    def count(self, event: str, ctx: RequestContext, **attrs: Any) -> None:
+        """Counts a pipeline event: "retry", "fallback" (attrs deployment=, error_type=,
+        defaulting to the current attempt's), "rejection" (kind="budget"|"rate_limit"),
+        "store_error"; any other name goes to tallygate.events. Keep attrs
+        low-cardinality: other keys become tallygate.<key> attributes."""
+        try:
+            principal = ctx.principal
+            attributes: dict[str, Any] = {
+                gen.TALLYGATE_TEAM: principal.team if principal else gen.NO_TEAM
+            }
+            name = _EVENT_COUNTERS.get(event)
+            if name is None:
+                name = EVENTS
+                attributes[gen.TALLYGATE_EVENT] = event
+            elif event in ("retry", "fallback") and (attempt := ctx.attempt) is not None:
+                attributes[gen.TALLYGATE_DEPLOYMENT] = attempt.deployment
+                if attempt.error_type:
+                    attributes[ERROR_TYPE] = attempt.error_type
+            elif event == "rejection" and ctx.rejected:
+                attributes[gen.TALLYGATE_REJECTION_KIND] = ctx.rejected
+            for key, value in attrs.items():
+                attributes[_EVENT_KEYS.get(key, f"tallygate.{key}")] = str(value)
+            self._instruments[name](1, attributes)
+        except Exception:
+            self._failed("count")
+
+    def record_chunk_gap(self, ctx: RequestContext, seconds: float) -> None:
+        """gen_ai.client.operation.time_per_output_chunk: each chunk after the first."""
+        try:
+            state = ctx.trace
+            attributes = state.chunk_attrs if isinstance(state, _RequestTrace) else None
+            if attributes is None:
+                attributes = self._genai_metric_attrs(ctx, ctx.attempt, response=False)
+                if isinstance(state, _RequestTrace):
+                    state.chunk_attrs = attributes
+            self._m_chunk(seconds, attributes)
+        except Exception:
+            self._failed("record_chunk_gap")
+
+    def finish_request(self, ctx: RequestContext) -> None:
+        """Ends the request: open attempt spans, content capture, the SERVER span,
+        metrics, one access line (and its OTLP log record)."""
+        state = ctx.trace if isinstance(ctx.trace, _RequestTrace) else None
+        if state is not None:
+            if state.finished:
+                return
+            state.finished = True
+        now = time.perf_counter()
+        elapsed = max(0.0, now - ctx.started)
+        overhead = max(0.0, elapsed - ctx.upstream_wait_s)
+        end_unix = ctx.started_unix + elapsed
+        try:
+            self._finish_spans(ctx, state, now, overhead)
+        except Exception:
+            self._failed("finish_request.spans")
+        try:
+            self._record_metrics(ctx, elapsed, overhead)
+        except Exception:
+            self._failed("finish_request.metrics")
+        try:
+            self._write_access(ctx, state, end_unix, elapsed, overhead)
+        except Exception:
+            self._failed("finish_request.access_log")
+
+    def _finish_spans(
+        self, ctx: RequestContext, state: _RequestTrace | None, now: float, overhead: float
+    ) -> None:
+        last = ctx.attempts[-1] if ctx.attempts else None
+        last_state = last.span if last is not None else None
+        if isinstance(last_state, _AttemptTrace) and last_state.end_ns is None:
+            self._end_attempt(ctx, last, now)  # may close it, if it failed
+        on_attempt = isinstance(last_state, _AttemptTrace) and not last_state.closed
+        server = state.span if state is not None else None
+        target = last_state.span if on_attempt else server  # where content goes
+        content = None
+        if self._capture != "none" and target is not None and target.is_recording():
+            content = self._content(ctx)
+        for attempt in ctx.attempts:
+            if attempt is last:
+                self._close_attempt(ctx, attempt, final=True, content=content)
+            else:
+                self._close_attempt(ctx, attempt, final=False)
+        span = server
+        if span is None:
+            return
+        if content and not on_attempt:
+            span.set_attributes(content)
+        if not span.is_recording():
+            span.end(end_time=_wall_ns(ctx, now))
+            return
+        attributes = gen.status_attributes(ctx.status)
+        error = gen.error_attributes(ctx.error_type, ctx.status if ctx.status >= 500 else None)
+        attributes.update(error)
+        principal = ctx.principal
+        if principal is not None:
+            attributes[gen.TALLYGATE_TEAM] = principal.team
+            attributes[gen.TALLYGATE_KEY] = principal.key_name
+        if ctx.requested_model:
+            attributes[gen.TALLYGATE_MODEL] = ctx.requested_model
+        if last is not None:
+            attributes[gen.TALLYGATE_DEPLOYMENT] = last.deployment
+        attributes[gen.TALLYGATE_ATTEMPTS] = len(ctx.attempts)
+        if ctx.cost_nano is not None:
+            attributes[gen.TALLYGATE_COST_USD] = ctx.cost_nano / 1e9
+        if ctx.pricing_version:
+            attributes[gen.TALLYGATE_PRICING_VERSION] = ctx.pricing_version
+        if ctx.budget_remaining_nano is not None:
+            attributes[gen.TALLYGATE_BUDGET_REMAINING_USD] = ctx.budget_remaining_nano / 1e9
+        if ctx.usage is not None:
+            attributes[gen.TALLYGATE_TOKENS_ESTIMATED] = ctx.usage.estimated
+        for kind, n in ctx.redactions.items():
+            attributes[gen.TALLYGATE_REDACTIONS_PREFIX + kind] = n
+        attributes[gen.TALLYGATE_OVERHEAD_MS] = round(overhead * 1000.0, 3)
+        if ctx.stream:
+            attributes[gen.TALLYGATE_STREAM] = True
+        if ctx.cancelled:
+            attributes[gen.TALLYGATE_CANCELLED] = True
+        if ctx.rejected:
+            attributes[gen.TALLYGATE_REJECTED] = ctx.rejected
+        span.set_attributes(attributes)
+        if ctx.status >= 500:
+            span.set_status(Status(StatusCode.ERROR, error.get(ERROR_TYPE)))
+        span.end(end_time=_wall_ns(ctx, now))
+
+    def _content(self, ctx: RequestContext) -> dict[str, str] | None:
+        """The content attributes, redacted (mode "redacted") and serialized as JSON."""
+        raw = gen.content_attributes(
+            ctx.body,
+            ctx.operation,
+            ctx.output_text,
+            ctx.output_tool_calls,
+            ctx.finish_reasons,
+            has_output=bool(ctx.output_text or ctx.output_tool_calls),
+        )
+        if not raw:
+            return None
+        if self._capture == "redacted":
+            redact = self._redact
+            if redact is None:  # create() turns capture off without one
+                return None
+            raw, counts = redact(raw)
+            for kind, n in counts.items():
+                if n:
+                    ctx.redactions[kind] = ctx.redactions.get(kind, 0) + n
+        return {key: _dumps(value) for key, value in raw.items()}
+
+    def _genai_metric_attrs(
+        self, ctx: RequestContext, attempt: Attempt | None, *, response: bool = True
+    ) -> dict[str, Any]:
+        attributes: dict[str, Any] = {ga.GEN_AI_OPERATION_NAME: ctx.operation}
+        if attempt is not None:
+            attributes[ga.GEN_AI_PROVIDER_NAME] = gen.provider_name(attempt.provider_kind)
+            attributes[ga.GEN_AI_REQUEST_MODEL] = self._models(attempt.upstream_model)
+            if attempt.server_address:
+                attributes[SERVER_ADDRESS] = attempt.server_address
+                if attempt.server_port:
+                    attributes[SERVER_PORT] = attempt.server_port
+        if response and ctx.response_model:
+            attributes[ga.GEN_AI_RESPONSE_MODEL] = self._models(ctx.response_model)
+        return attributes
+
+    def _record_metrics(self, ctx: RequestContext, elapsed: float, overhead: float) -> None:
+        principal = ctx.principal
+        team = principal.team if principal else gen.NO_TEAM
+        error = gen.error_attributes(ctx.error_type, ctx.status)
+        model = self._models(ctx.requested_model)
+        requests = {
+            HTTP_RESPONSE_STATUS_CODE: ctx.status,
+            gen.TALLYGATE_TEAM: team,
+            ga.GEN_AI_OPERATION_NAME: ctx.operation,
+            gen.TALLYGATE_MODEL: model,
+        }
+        requests.update(error)
+        self._m_requests(1, requests)
+        self._m_overhead(overhead, {ga.GEN_AI_OPERATION_NAME: ctx.operation})
+        last = ctx.attempts[-1] if ctx.attempts else None
+        if last is not None:  # the gateway acted as a GenAI client
+            genai = self._genai_metric_attrs(ctx, last)
+            self._m_duration(elapsed, {**genai, **error} if error else genai)
+            if ctx.stream and ctx.first_chunk_at is not None:
+                self._m_ttfc(max(0.0, ctx.first_chunk_at - ctx.started), genai)
+            usage = ctx.usage
+            if usage is not None:
+                genai[gen.TALLYGATE_TEAM] = team
+                genai[ga.GEN_AI_TOKEN_TYPE] = ga.GenAiTokenTypeValues.INPUT.value
+                self._m_tokens(usage.input_tokens, genai)
+                if ctx.operation != ga.GenAiOperationNameValues.EMBEDDINGS.value:
+                    genai[ga.GEN_AI_TOKEN_TYPE] = ga.GenAiTokenTypeValues.OUTPUT.value
+                    self._m_tokens(usage.output_tokens, genai)
+        if ctx.cost_nano:
+            self._m_cost(
+                ctx.cost_nano / 1e9,
+                {
+                    gen.TALLYGATE_TEAM: team,
+                    gen.TALLYGATE_MODEL: model,
+                    ga.GEN_AI_REQUEST_MODEL: self._models(last.upstream_model) if last else "",
+                },
+            )
+        for kind, n in ctx.redactions.items():
+            if n:
+                self._m_redactions(
+                    n, {gen.TALLYGATE_TEAM: team, gen.TALLYGATE_REDACTION_TYPE: kind}
+                )
+
+    def _write_access(
+        self,
+        ctx: RequestContext,
+        state: _RequestTrace | None,
+        end_unix: float,
+        elapsed: float,
+        overhead: float,
+    ) -> None:
+        trace_id = span_id = None
+        span = state.span if state is not None else None
+        if span is not None:
+            sc = span.get_span_context()
+            if sc.is_valid:
+                trace_id = format(sc.trace_id, "032x")
+                span_id = format(sc.span_id, "016x")
+        record = access_record(
+            ctx,
+            trace_id=trace_id,
+            span_id=span_id,
+            end_unix=end_unix,
+            latency_s=elapsed,
+            overhead_s=overhead,
+        )
+        self._access.write(record)
+        if self._otel_logger is not None:
+            self._otel_logger.emit(
+                timestamp=int(end_unix * 1e9),
+                context=state.context if state is not None else None,
+                severity_number=SeverityNumber.INFO,
+                severity_text="INFO",
+                body={k: v for k, v in record.items() if v is not None},
+                event_name="tallygate.access",
+            )
+
+    def metrics_text(self) -> tuple[bytes, str] | None:
+        """The Prometheus exposition (body, content type), or None when it is off."""
+        return self.prometheus.render() if self.prometheus is not None else None
+
+    # -- shutdown --
+
+    async def shutdown(self) -> None:
+        """Flushes and shuts down the providers in a thread, so the event loop never
+        blocks; returns within a bound even when the backend is dead (what could not be
+        exported by then is dropped and counted)."""
+        if self._closed:
+            return
+        self._closed = True
+        for health in self._healths:
+            health.shutting_down = True
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+
+        def settle() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        def work() -> None:
+            try:
+                self._shutdown_blocking()
+            finally:
+                with contextlib.suppress(RuntimeError):  # the loop may be gone already
+                    loop.call_soon_threadsafe(settle)
+
+        threading.Thread(target=work, name="tallygate-telemetry-shutdown", daemon=True).start()
+        bound = 3 * self.config.export_timeout_s + 2.0
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout=bound)
+        except TimeoutError:
+            logger.warning(
+                "telemetry: shutdown still flushing after %.1fs; not waiting for it", bound
+            )
+
+    def _shutdown_blocking(self) -> None:
+        timeout_ms = int(self.config.export_timeout_s * 1000)
+        for name, step in (
+            ("traces", self._tracer_provider.shutdown),
+            ("logs", self._logger_provider.shutdown if self._logger_provider else None),
+            ("metrics", lambda: self._meter_provider.shutdown(timeout_millis=timeout_ms)),
+        ):
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception:
+                logger.warning("telemetry: shutting down %s failed", name, exc_info=True)
+        self._quiet.remove()
+        if self._dropped_total:
+            logger.warning(
+                "telemetry: %d telemetry items were dropped (%s)", self._dropped_total, DROPPED
+            )
