@@ -8,8 +8,9 @@ slot; the tag is the team name with ``%``, ``{`` and ``}`` percent-encoded)::
     tallygate:{tag}:req:<request_id>                string "r" reserved | "s" settled
     tallygate:{tag}:rate:<scope_id>                 hash   at (ms), r, t: GCRA bucket levels
 
-Ledger and reservation sets of a dated period expire 35 days after the period ends;
-"total" ones never do. Reservation expiry and rate windows use the server's clock
+Ledger and reservation sets of a dated period expire 35 days after the period ends
+(never into the past: a caller whose clock is far behind keeps its keys); "total" ones
+never expire. Reservation expiry and rate windows use the server's clock
 (``TIME``), so replicas with skewed clocks agree; the period key is the caller's.
 Lua numbers are doubles: amounts and limits are exact up to 2**53 nano-USD (~9M USD).
 """
@@ -85,7 +86,7 @@ for i = 1, n do
   local ledger, zset, expireat = KEYS[2 * i], KEYS[2 * i + 1], tonumber(ARGV[3 + 2 * i])
   redis.call('HINCRBY', ledger, 'reserved', ARGV[2])
   redis.call('ZADD', zset, int(now + ttl), ARGV[1])
-  if expireat > 0 then
+  if expireat > now / 1000 then
     redis.call('EXPIREAT', ledger, expireat)
     redis.call('EXPIREAT', zset, expireat)
   end
@@ -109,7 +110,7 @@ for i = 1, (#KEYS - 1) / 2 do
     redis.call('HINCRBY', ledger, 'reserved', int(-amount))
   end
   redis.call('HINCRBY', ledger, 'spent', ARGV[3])
-  if expireat > 0 then redis.call('EXPIREAT', ledger, expireat) end
+  if expireat > now / 1000 then redis.call('EXPIREAT', ledger, expireat) end
 end
 redis.call('SET', KEYS[1], 's', 'PX', ARGV[4])
 return 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,7 +29,12 @@ from policies.store_redis import RedisStore, ledger_key
 from tests.redis_server import RedisServer, require_redis_server
 from tests.redis_server import redis_server as redis_server  # the session fixture
 
-NOV_26 = datetime(2026, 11, 26, 12, 0, tzinfo=UTC).timestamp()
+
+def ts(*args: int) -> float:
+    return datetime(*args, tzinfo=UTC).timestamp()  # type: ignore[arg-type, misc]
+
+
+NOV_26 = ts(2026, 11, 26, 12)
 USD = 10**9
 
 
@@ -455,21 +461,28 @@ def test_open_store_picks_the_backend(tmp_path: Path) -> None:
 async def test_redis_keys_carry_the_team_hash_tag_and_expire(redis_server: RedisServer) -> None:
     redis_server.flushall()
     store = RedisStore(StoreConfig(backend="redis", redis_url=redis_server.url))
+    monthly = BudgetConfig(limit_usd=Decimal(1), period="monthly")
+    team, key = budget_scopes("search", "prod", monthly, None, time.time())  # a current period
     await store.start()
     try:
-        scopes = (scope("team:search", 1000), scope("key:search/prod", None, period_key="total"))
-        res = await store.reserve("r1", scopes, 10)
+        res = await store.reserve("r1", (team, key), 10)
         assert isinstance(res, Reservation)
         await store.settle(res, 5)
+        # a period long gone: its keys are kept rather than expired on arrival
+        old = BudgetScope("team:search", "search", "2020-01", ts(2020, 2, 1), 1000)
+        res = await store.reserve("r2", (old,), 10)
+        assert isinstance(res, Reservation)
     finally:
         await store.close()
-    monthly = ledger_key("search", "team:search", "2026-11")
-    assert monthly == "tallygate:{search}:ledger:team:search:2026-11"
-    assert redis_server.command("EXISTS", monthly) == b":1"
-    # the November ledger lives until 35 days after December 1st
-    dec_1 = int(datetime(2026, 12, 1, tzinfo=UTC).timestamp())
-    assert redis_server.command("EXPIRETIME", monthly) == b":%d" % (dec_1 + 35 * 86400)
+    ledger = ledger_key("search", "team:search", team.period_key)
+    assert ledger == f"tallygate:{{search}}:ledger:team:search:{team.period_key}"
+    assert redis_server.command("EXISTS", ledger) == b":1"
+    assert team.period_end is not None  # the ledger lives until 35 days after its period ends
+    assert redis_server.command("EXPIRETIME", ledger) == b":%d" % (
+        int(team.period_end) + 35 * 86400
+    )
     total = ledger_key("search", "key:search/prod", "total")
     assert redis_server.command("TTL", total) == b":-1"  # exists, never expires
+    assert redis_server.command("TTL", ledger_key("search", "team:search", "2020-01")) == b":-1"
     assert redis_server.command("EXISTS", "tallygate:{search}:req:r1") == b":1"  # tombstone
     assert ledger_key("a{b}", "team:a{b}", "total").startswith("tallygate:{a%7Bb%7D}:ledger:")
