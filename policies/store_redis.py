@@ -301,6 +301,7 @@ class RedisStore:
             raise ValueError("amount_nano must be >= 0")
         if not scopes:
             return Reservation(request_id, scopes, amount_nano)
+        _distinct(scopes)
         group = _one_group(scopes)
         keys = [request_key(group, request_id), *_budget_keys(group, scopes)]
         args: list[Any] = [_member(request_id, amount_nano), amount_nano, self._ttl_ms]
@@ -358,6 +359,7 @@ class RedisStore:
     async def rate_acquire(self, scopes: tuple[RateScope, ...], tokens: int) -> RateDecision:
         if not scopes:
             return RateDecision(True, 0.0, None, ())
+        _distinct(scopes)
         group = _one_group(scopes)
         args: list[Any] = [tokens]
         for s in scopes:
@@ -407,6 +409,11 @@ def _one_group(scopes: tuple[BudgetScope, ...] | tuple[RateScope, ...]) -> str:
     if any(s.group != group for s in scopes):
         raise ValueError("every scope of one request must share its group (one hash tag)")
     return group
+
+
+def _distinct(scopes: tuple[BudgetScope, ...] | tuple[RateScope, ...]) -> None:
+    if len({s.scope_id for s in scopes}) != len(scopes):
+        raise ValueError("a request's scopes must have distinct scope ids")
 
 
 def _budget_keys(group: str, scopes: tuple[BudgetScope, ...]) -> list[str]:

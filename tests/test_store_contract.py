@@ -355,6 +355,13 @@ async def test_scope_ids_and_teams_with_odd_characters(kit: Kit) -> None:
     ]
 
 
+async def test_duplicate_scopes_are_a_caller_error(kit: Kit) -> None:
+    team = scope("team:search", 100)
+    with pytest.raises(ValueError, match="distinct"):
+        await kit.store.reserve("r1", (team, team), 1)
+    assert await kit.store.spend() == []
+
+
 async def test_invalid_amounts(kit: Kit) -> None:
     with pytest.raises(ValueError):
         await kit.store.reserve("r1", team_and_key(10, None), -1)
