@@ -77,8 +77,14 @@ async def readyz(request: Request) -> Response:
         store_ok = await gw.store.ping()
     except Exception:
         store_ok = False
-    ready = gw.ready and store_ok
-    body = {"status": "ready" if ready else "not ready", "config": gw.ready, "store": store_ok}
+    tokenizer = gw.warming is None or gw.warming.done()
+    ready = gw.ready and store_ok and tokenizer
+    body = {
+        "status": "ready" if ready else "not ready",
+        "config": gw.ready,
+        "store": store_ok,
+        "tokenizer": tokenizer,
+    }
     return JSONResponse(body, status_code=200 if ready else 503)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -22,6 +23,11 @@ from pricing.tokens import TokenCounter
 
 log = logging.getLogger("tallygate")
 VERSION = "0.1.0"
+
+
+def warm_encodings(counter: TokenCounter, models: set[str]) -> None:
+    for model in sorted(models):
+        counter.count_text(model, "warm up")
 
 
 @dataclass
@@ -47,6 +53,7 @@ class Gateway:
     tasks: TaskSet = field(default_factory=TaskSet)
     ready: bool = False
     started_at: float = 0.0
+    warming: asyncio.Task[None] | None = None  # tokenizers loading; /readyz waits for it
 
     @property
     def max_body_bytes(self) -> int:
