@@ -324,6 +324,8 @@ class _ExportHealth:
 
     def failed(self, count: int, reason: str = "export_failed") -> None:
         self._telemetry._dropped(self.signal, reason, count)
+        quiet = self._telemetry._quiet
+        detail, quiet.last_message = quiet.last_message, ""  # the exporter's own last word
         if not self.failing:
             self.failing = True
             logger.warning(
@@ -331,7 +333,7 @@ class _ExportHealth:
                 "in %s, further export errors are not logged until it recovers",
                 self.signal,
                 self.target,
-                self._telemetry._quiet.last_message or reason,
+                detail or reason,
                 DROPPED,
             )
 
@@ -1030,6 +1032,7 @@ class Telemetry:
             self._finish_spans(ctx, state, now, overhead)
         except Exception:
             self._failed("finish_request.spans")
+            self._end_leftovers(ctx, state, now)
         try:
             self._record_metrics(ctx, elapsed, overhead)
         except Exception:
@@ -1051,7 +1054,10 @@ class Telemetry:
         target = last_state.span if on_attempt else server  # where content goes
         content = None
         if self._capture != "none" and target is not None and target.is_recording():
-            content = self._content(ctx)
+            try:
+                content = self._content(ctx)
+            except Exception:  # e.g. the redactor failed: capture nothing, end the spans
+                self._failed("content")
         for attempt in ctx.attempts:
             if attempt is last:
                 self._close_attempt(ctx, attempt, final=True, content=content)
@@ -1098,6 +1104,17 @@ class Telemetry:
         if ctx.status >= 500:
             span.set_status(Status(StatusCode.ERROR, error.get(ERROR_TYPE)))
         span.end(end_time=_wall_ns(ctx, now))
+
+    def _end_leftovers(self, ctx: RequestContext, state: _RequestTrace | None, now: float) -> None:
+        """After a failure in _finish_spans: end whatever is still open, plainly."""
+        end = _wall_ns(ctx, now)
+        spans = [a.span.span for a in ctx.attempts if isinstance(a.span, _AttemptTrace)]
+        if state is not None and state.span is not None:
+            spans.append(state.span)
+        for span in spans:
+            with contextlib.suppress(Exception):
+                if span.is_recording():
+                    span.end(end_time=end)
 
     def _content(self, ctx: RequestContext) -> dict[str, str] | None:
         """The content attributes, redacted (mode "redacted") and serialized as JSON."""

@@ -32,7 +32,14 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 LOOPBACK = "127.0.0.1"
 
 # OTLP span kinds (opentelemetry.proto.trace.v1.Span.SpanKind)
-SPAN_KIND = {0: "UNSPECIFIED", 1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
+SPAN_KIND = {
+    0: "UNSPECIFIED",
+    1: "INTERNAL",
+    2: "SERVER",
+    3: "CLIENT",
+    4: "PRODUCER",
+    5: "CONSUMER",
+}
 STATUS_CODE = {0: "UNSET", 1: "OK", 2: "ERROR"}
 
 
@@ -213,7 +220,9 @@ class OTLPReceiver:
             while not ready():
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise AssertionError(f"OTLP receiver: timed out after {timeout}s waiting for {what}")
+                    raise AssertionError(
+                        f"OTLP receiver: timed out after {timeout}s waiting for {what}"
+                    )
                 self._cond.wait(remaining)
 
     def wait_for_spans(self, n: int, timeout: float = 10.0) -> list[ReceivedSpan]:

@@ -72,7 +72,9 @@ def test_record_fields_in_order() -> None:
 
 
 def test_refused_request_record() -> None:
-    ctx = RequestContext(request_id="r", method="POST", path="/v1/embeddings", operation="embeddings")
+    ctx = RequestContext(
+        request_id="r", method="POST", path="/v1/embeddings", operation="embeddings"
+    )
     ctx.status = 401
     ctx.error_type = "invalid_api_key"
     record = access_record(

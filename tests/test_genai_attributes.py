@@ -272,7 +272,12 @@ def test_images_are_referenced_not_inlined() -> None:
     )
     assert messages is not None
     uri, blob = messages[0]["parts"]
-    assert uri == {"type": "uri", "modality": "image", "mime_type": None, "uri": "https://x.test/a.png"}
+    assert uri == {
+        "type": "uri",
+        "modality": "image",
+        "mime_type": None,
+        "uri": "https://x.test/a.png",
+    }
     assert blob["type"] == "blob" and blob["content"] == ""
 
 
@@ -295,7 +300,10 @@ def test_output_content_and_tool_definitions() -> None:
     tools = gen.tool_definitions(
         {
             "tools": [
-                {"type": "function", "function": {"name": "f", "description": "d", "parameters": {}}},
+                {
+                    "type": "function",
+                    "function": {"name": "f", "description": "d", "parameters": {}},
+                },
                 {"name": "g", "input_schema": {"type": "object"}},  # anthropic
             ]
         }
