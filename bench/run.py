@@ -559,7 +559,7 @@ def goals(
     rss = rss_load.get("gateway")
     g = GOALS
     return [
-        row("RPS vs pass-through, c=16", f"≥ {g['rps_ratio_c16']:.0%}", None if ratio is None else 100 * ratio,
+        row("RPS vs pass-through, c=16 (%)", f"≥ {100 * g['rps_ratio_c16']:.0f}", None if ratio is None else 100 * ratio,
             None if ratio is None else ratio >= g["rps_ratio_c16"], ".0f"),
         row("RPS per worker, c=16", f"≥ {g['rps']:,.0f}", rps, None if rps is None else rps >= g["rps"], ",.0f"),
         row("added p50 latency, c=1 (ms)", f"≤ {g['added_p50_c1_ms']}", a50,
@@ -629,9 +629,18 @@ def markdown(report: dict[str, Any]) -> str:
             tail,
             "```",
         ]
-    extra = report.get("gateway_checks")
-    if extra:
-        lines += ["", f"Gateway side effects: {extra}"]
+    checks = report.get("gateway_checks") or {}
+    if checks:
+        otlp = ", ".join(
+            f"{k} {v['requests']} requests / {v['bytes'] / 1e6:.1f} MB"
+            for k, v in checks.get("otlp_received", {}).items()
+        )
+        lines += [
+            "",
+            f"Features were live: OTLP receiver got {otlp or 'nothing'}; the gateway wrote "
+            f"{checks.get('stdout_lines', 0):,} stdout and {checks.get('stderr_lines', 0):,} "
+            "stderr lines (access log).",
+        ]
     return "\n".join(lines) + "\n"
 
 
