@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 DETECTOR_TYPES = ("email", "phone", "credit_card", "ssn", "iban", "ip", "secret")
 
@@ -15,38 +16,37 @@ Validator = Callable[[str, int, int], int]
 
 @dataclass(frozen=True, slots=True)
 class Branch:
-    """One alternative of the combined pattern."""
+    """One alternative of the combined pattern.
+
+    The text is scanned from one non-alphanumeric "anchor" character to the next where a
+    branch may match: a branch starts right after its anchor, or on it (`at_anchor`)."""
 
     name: str  # group name in the combined pattern, unique
-    kind: str  # the detector type it reports (a DETECTOR_TYPES entry or a custom name)
+    kind: str  # the detector type it reports
+    first: str  # character class of its first character (the anchor's, if at_anchor)
     pattern: str  # regex source; bounded or possessive repetitions only
     value: str | None = None  # group that is masked (e.g. the value of `password=`); None: all
     validate: Validator | None = None
+    scan: str | None = None  # a cheaper superset of `pattern` for the scan; the pattern decides
+    at_anchor: bool = False
 
 
-def _lead(first: str, not_after: str) -> str:
-    """`first` (one character class) not preceded by a character of `not_after`.
+def _branch(name: str, kind: str, first: str, not_after: str, rest: str, **kw: Any) -> Branch:
+    """A branch whose first character, of class `first`, does not follow one of `not_after`.
 
     The lookbehind comes after the first character so that the regex engine's branch
-    dispatch can reject a position on its first character alone."""
-    return f"{first}(?<!{not_after}[\\s\\S])"
+    dispatch rejects a position on its first character alone."""
+    return Branch(name, kind, first, f"{first}(?<!{not_after}[\\s\\S]){rest}", **kw)
 
-
-_W = "[A-Za-z0-9_]"  # ASCII word character
-_TOKEN_END = "(?![A-Za-z0-9_-])"
-_NUM_END = "(?![A-Za-z0-9_]|[.-][0-9])"  # not followed by a letter, digit, or .5 / -5
-_NOT_NUM = "[A-Za-z0-9_.+-]"  # a number does not start right after one of these
 
 # --- validators --------------------------------------------------------------------------
 
 
+_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)  # Luhn: a doubled digit, its digits summed
+
+
 def _luhn(digits: str) -> bool:
-    total = 0
-    for i, ch in enumerate(reversed(digits)):
-        d = ord(ch) - 48
-        if i % 2:
-            d = d * 2 - 9 if d > 4 else d * 2
-        total += d
+    total = sum(map(int, digits[-1::-2])) + sum(_DOUBLED[int(d)] for d in digits[-2::-2])
     return total % 10 == 0
 
 
@@ -63,27 +63,32 @@ def _card_prefix_ok(digits: str) -> bool:
     return first in "23456"
 
 
-def _card_ok(digits: str, runs: list[str]) -> bool:
-    if not 13 <= len(digits) <= 19 or not _card_prefix_ok(digits):
-        return False
-    if len(runs) > 1 and not all(3 <= len(r) <= 6 for r in runs):
-        return False  # grouped numbers come in groups of 3 to 6 (4-4-4-4, 4-6-5, ...)
-    return len(set(digits)) > 1 and _luhn(digits)
-
-
 def validate_card(text: str, start: int, end: int) -> int:
-    """The longest prefix of the digit groups that is a valid card (so that `4111 1111 1111
-    1111 2026` masks the card and keeps the year)."""
+    """The longest prefix of the digit groups that is a valid card, so that `4111 1111 1111
+    1111 2026` masks the card and keeps the year: 13 to 19 digits, issuer prefix, Luhn."""
     runs = text[start:end].replace("-", " ").split(" ")
-    while runs:
-        if _card_ok("".join(runs), runs):
-            return start + sum(len(r) for r in runs) + len(runs) - 1
-        runs.pop()
+    ends, total = [], 0
+    for run in runs:
+        total += len(run)
+        ends.append(total)
+    for count in range(len(runs), 0, -1):
+        size = ends[count - 1]
+        if size < 13:
+            break
+        if size > 19:
+            continue
+        digits = "".join(runs[:count])
+        if _card_prefix_ok(digits) and len(set(digits)) > 1 and _luhn(digits):
+            return start + size + count - 1
     return -1
 
 
 def validate_ssn(text: str, start: int, end: int) -> int:
-    area, group, serial = text[start : start + 3], text[start + 4 : start + 6], text[start + 7 : end]
+    area, group, serial = (
+        text[start : start + 3],
+        text[start + 4 : start + 6],
+        text[start + 7 : end],
+    )
     if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
         return -1
     return end
@@ -141,7 +146,9 @@ def validate_ipv6(text: str, start: int, end: int) -> int:
     except ValueError:
         return -1
     groups = [g for g in candidate.split(":") if g]
-    if candidate == "::1" or (len(groups) >= 2 and (len(groups) >= 3 or max(map(len, groups)) >= 3)):
+    if candidate == "::1" or (
+        len(groups) >= 2 and (len(groups) >= 3 or max(map(len, groups)) >= 3)
+    ):
         return end
     return -1
 
@@ -162,117 +169,162 @@ def validate_token(text: str, start: int, end: int) -> int:
 
 # --- branches ----------------------------------------------------------------------------
 
-_EMAIL = (
-    _lead("[A-Za-z0-9_%+-]", "[A-Za-z0-9._%+-]")
-    + r"[A-Za-z0-9._%+-]{0,63}+@(?:[A-Za-z0-9-]{1,63}+\.){1,8}[A-Za-z]{2,24}+(?![A-Za-z0-9-])"
-)
+_W = "[A-Za-z0-9_]"  # ASCII word character
+_B = "[A-Za-z0-9]"  # keywords may follow `_` (DB_PASSWORD, OPENAI_API_KEY), not a letter
+_TOKEN = "[A-Za-z0-9_-]"
+_TOKEN_END = "(?![A-Za-z0-9_-])"
+_NUM = "[A-Za-z0-9_.+-]"  # a number does not start right after one of these
+_NUM_END = "(?![A-Za-z0-9_]|[.-][0-9])"  # nor is it followed by a letter, a digit, .5 or -5
 
-_PHONE_INTL = (  # +14155552671, +44 20 7946 0958, +1 (415) 555-2671, +33 1 23 45 67 89
-    _lead(r"\+", "[A-Za-z0-9_+]")
-    + r"[1-9][0-9]{0,14}+(?:(?:[ .-]?\([0-9]{1,4}+\)[ .-]?|[ .-])[0-9]{1,12}+){0,6}+"
-    + "(?![A-Za-z0-9_])"
+# What the scan stops at for `key: value` assignments: a word of letters, `_` and `-`
+# followed by `:` or `=` (after an optional quote and spaces) that ends like a keyword
+# (passwORD, passSWD, PWD, passphrASE, api_KEY, secRET, toKEN).
+_KEY_SCAN = (
+    r"""[A-Za-z][A-Za-z_-]{1,24}+(?=\\?["']?[ \t]{0,3}[:=])"""
+    r"(?<=(?i:ord|swd|pwd|ase|key|ret|ken))"
 )
-_PHONE_NANP_PAREN = (  # (415) 555-2671
-    _lead(r"\(", _W) + r"[2-9][0-9]{2}\)[ .-]?[2-9][0-9]{2}[ .-][0-9]{4}" + _NUM_END
-)
-_PHONE_NANP = (  # 415-555-2671, 415.555.2671, 415 555 2671 (one separator throughout)
-    _lead("[2-9]", _NOT_NUM)
-    + r"[0-9]{2}(?P<nanp_sep>[ .-])[2-9][0-9]{2}(?P=nanp_sep)[0-9]{4}"
-    + _NUM_END
-)
-_PHONE_NANP_1 = (  # 1-800-555-0199
-    _lead("1", _NOT_NUM)
-    + r"(?P<nanp1_sep>[ .-])[2-9][0-9]{2}(?P=nanp1_sep)[2-9][0-9]{2}(?P=nanp1_sep)[0-9]{4}"
-    + _NUM_END
-)
-_PHONE_TRUNK = (  # national with trunk 0: 020 7946 0958, 07700 900123, 030 12345678
-    _lead("0", _NOT_NUM) + r"[1-9][0-9]{1,4}+[ -][0-9]{3,8}+(?:[ -][0-9]{3,4}+)?+" + _NUM_END
-)
-_PHONE_FR = _lead("0", _NOT_NUM) + r"[1-9](?:[ .][0-9]{2}){4}" + _NUM_END  # 01 23 45 67 89
-
-_CARD = (  # up to ten digit groups; the validator keeps the longest prefix that is a card
-    _lead("[0-9]", _NOT_NUM)
-    + r"[0-9]{0,18}+(?![A-Za-z0-9_])(?:[ -][0-9]{1,19}+(?![A-Za-z0-9_])){0,9}+"
-)
-_SSN = _lead("[0-9]", _NOT_NUM) + r"[0-9]{2}-[0-9]{2}-[0-9]{4}" + _NUM_END
-_IBAN = (
-    _lead("[A-Z]", "[A-Za-z0-9_]")
-    + r"[A-Z][0-9]{2}(?: ?[A-Z0-9]{4}+){2,8}+(?: ?[A-Z0-9]{1,3}+)?+(?![A-Za-z0-9_])"
-)
-_IPV4 = (
-    _lead("[0-9]", "[A-Za-z0-9_.]")
-    + r"[0-9]{0,2}+\.[0-9]{1,3}+\.[0-9]{1,3}+\.[0-9]{1,3}+(?![A-Za-z0-9_]|\.[0-9])"
-)
-_IPV6 = (  # a cheap shape (two colons within the first two groups); ipaddress decides
-    r"(?=[0-9A-Fa-f]{0,4}+:[0-9A-Fa-f]{0,4}+:)"
-    + _lead("[0-9A-Fa-f:]", "[A-Za-z0-9_.]")
-    + r"[0-9A-Fa-f:]{1,44}+(?:\.[0-9]{1,3}+){0,3}+(?![A-Za-z0-9_])"
-)
-
-_B = "[A-Za-z0-9]"  # keywords: may follow `_` (DB_PASSWORD, OPENAI_API_KEY), not a letter
-_ASSIGN = r"""\\?["']?[ \t]{0,3}[:=][ \t]{0,3}\\?["']?"""
+_ASSIGN = r"""\\?["']?[ \t]{0,3}[:=][ \t]{0,3}\\?["']?"""  # `=`, `: `, `": "`, `\": \"`
 _VALUE = r"""[^\s"'`,;&<>(){}\[\]\\]{1,256}+"""
-_KEYWORD = (
-    "(?:"
-    + _lead("[Pp]", _B) + "(?i:assword|asswd|assphrase|wd|rivate[_-]?key)"
-    + "|" + _lead("[Ss]", _B) + "(?i:ecret(?:[_-]?(?:access[_-]?)?key)?)"
-    + "|" + _lead("[Tt]", _B) + "(?i:oken)"
-    + "|" + _lead("[Aa]", _B)
-    + "(?i:pi[_-]?(?:key|token|secret)|ccess[_-]?(?:token|key)|uth[_-]?token|pp[_-]?secret)"
-    + "|" + _lead("[Cc]", _B) + "(?i:lient[_-]?secret)"
-    + "|" + _lead("[Rr]", _B) + "(?i:efresh[_-]?token)"
-    + "|" + _lead("[Ii]", _B) + "(?i:d[_-]?token)"
-    + ")"
-)  # fmt: skip
 _TOKEN_CHARS = "[A-Za-z0-9._~+/-]{8,4096}+={0,2}"
+_PEM_BODY = r"[A-Za-z0-9+/=\s:,.\\]{0,65536}+"  # base64, headers (Proc-Type: 4,ENCRYPTED), \n
+_PEM_LABEL = "(?:[A-Z0-9]{1,16} ){0,4}PRIVATE KEY(?: BLOCK)?-----"
 
-_SECRETS = (
-    ("secret_pem", _lead("-", "-")  # a PEM private key block, through END (or to its last line)
-     + r"----BEGIN (?:[A-Z0-9]{1,16} ){0,4}PRIVATE KEY(?: BLOCK)?-----"
-     + r"[A-Za-z0-9+/=\s:,.\\]{0,65536}+(?:-(?!-)[A-Za-z0-9+/=\s:,.\\]{0,65536}+){0,16}+"
-     + r"(?:-----END (?:[A-Z0-9]{1,16} ){0,4}PRIVATE KEY(?: BLOCK)?-----)?", None, None),
-    ("secret_openai", _lead("s", "[A-Za-z0-9_-]") + "k-[A-Za-z0-9_-]{20,512}+" + _TOKEN_END,
-     None, None),  # sk-..., sk-proj-..., sk-ant-api03-...
-    ("secret_stripe", _lead("[spr]", "[A-Za-z0-9_-]") + "k_(?:live|test)_[A-Za-z0-9]{10,247}+"
-     + _TOKEN_END, None, None),
-    ("secret_aws_id", _lead("A", _B) + "(?:KIA|SIA)[A-Z0-9]{16}(?![A-Za-z0-9])", None, None),
-    ("secret_aws_key", _lead("[Aa]", _B) + "(?i:ws[_-]?secret[_-]?(?:access[_-]?)?key)"
-     + _ASSIGN + "(?P<aws_v>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])", "aws_v", None),
-    ("secret_github", _lead("g", "[A-Za-z0-9_]")
-     + "(?:h[pousr]_[A-Za-z0-9]{36,251}+|ithub_pat_[A-Za-z0-9_]{22,240}+)(?![A-Za-z0-9_])",
-     None, None),
-    ("secret_slack", _lead("x", "[A-Za-z0-9_-]") + "ox[baprs]-[A-Za-z0-9-]{10,250}+" + _TOKEN_END,
-     None, None),
-    ("secret_google", _lead("A", "[A-Za-z0-9_-]") + "Iza[0-9A-Za-z_-]{35}" + _TOKEN_END,
-     None, None),
-    ("secret_jwt", _lead("e", "[A-Za-z0-9_-]")
-     + r"yJ[A-Za-z0-9_-]{4,4096}+\.[A-Za-z0-9_-]{4,8192}+\.[A-Za-z0-9_-]{4,4096}+" + _TOKEN_END,
-     None, None),
-    ("secret_auth", _lead("[Aa]", _B) + "(?i:uthorization)" + _ASSIGN
-     + "(?:(?i:bearer|basic|token|bot)[ \t]{1,3})?(?P<auth_v>" + _TOKEN_CHARS + ")",
-     "auth_v", validate_token),
-    ("secret_bearer", _lead("[Bb]", _B) + "(?i:earer)[ \t]{1,3}(?P<bearer_v>" + _TOKEN_CHARS + ")",
-     "bearer_v", validate_token),
-    ("secret_assign", _KEYWORD + _ASSIGN + "(?P<kv_v>" + _VALUE + ")", "kv_v", None),
-    ("secret_url", _lead("[A-Za-z]", "[A-Za-z0-9+.-]")  # scheme://user:PASSWORD@host
-     + r"[A-Za-z0-9+.-]{1,19}+://[^\s/:@]{1,64}+:(?P<url_v>[^\s/@]{1,128}+)@", "url_v", None),
-)  # fmt: skip
+
+def _keyword(first: str, rest: str) -> Branch:
+    """`<keyword><:|=><value>`: the value is masked."""
+    return _branch(
+        f"secret_kv_{first[1]}",
+        "secret",
+        first,
+        _B,
+        f"(?i:{rest}){_ASSIGN}(?P<kv_{first[1]}>{_VALUE})",
+        value=f"kv_{first[1]}",
+        scan=_KEY_SCAN,
+    )
+
 
 BUILTIN_BRANCHES: tuple[Branch, ...] = (
-    *(Branch(name, "secret", pattern, value, check) for name, pattern, value, check in _SECRETS),
-    Branch("email", "email", _EMAIL),
-    Branch("iban", "iban", _IBAN, validate=validate_iban),
-    Branch("card", "credit_card", _CARD, validate=validate_card),
-    Branch("ssn", "ssn", _SSN, validate=validate_ssn),
-    Branch("ipv4", "ip", _IPV4, validate=validate_ipv4),
-    Branch("ipv6", "ip", _IPV6, validate=validate_ipv6),
-    Branch("phone_intl", "phone", _PHONE_INTL, validate=validate_phone),
-    Branch("phone_nanp_paren", "phone", _PHONE_NANP_PAREN, validate=validate_phone),
-    Branch("phone_nanp", "phone", _PHONE_NANP, validate=validate_phone),
-    Branch("phone_nanp_1", "phone", _PHONE_NANP_1, validate=validate_phone),
-    Branch("phone_trunk", "phone", _PHONE_TRUNK, validate=validate_phone),
-    Branch("phone_fr", "phone", _PHONE_FR, validate=validate_phone),
-)
+    # --- secrets
+    _branch(  # a PEM private key block, through END (or through its body when END is cut off)
+        "secret_pem", "secret", "-", "-",
+        f"----BEGIN {_PEM_LABEL}{_PEM_BODY}(?:-(?!-){_PEM_BODY}){{0,16}}+"
+        f"(?:-----END {_PEM_LABEL})?",
+        scan="-(?<=--)(?<!---)---BEGIN ", at_anchor=True,
+    ),
+    _branch(  # sk-..., sk-proj-..., sk-ant-api03-...
+        "secret_openai", "secret", "s", _TOKEN, "k-[A-Za-z0-9_-]{20,512}+" + _TOKEN_END
+    ),
+    _branch(  # sk_live_, pk_live_, rk_live_, sk_test_, ...
+        "secret_stripe", "secret", "[spr]", _TOKEN,
+        "k_(?:live|test)_[A-Za-z0-9]{10,247}+" + _TOKEN_END,
+    ),
+    _branch("secret_aws_id", "secret", "A", _B, "(?:KIA|SIA)[A-Z0-9]{16}(?![A-Za-z0-9])"),
+    _branch(
+        "secret_aws_key", "secret", "[Aa]", _B,
+        f"(?i:ws[_-]?secret[_-]?(?:access[_-]?)?key){_ASSIGN}"
+        "(?P<aws_v>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])",
+        value="aws_v", scan=_KEY_SCAN,
+    ),
+    _branch(  # ghp_, gho_, ghu_, ghs_, ghr_, github_pat_
+        "secret_github", "secret", "g", _W,
+        "(?:h[pousr]_[A-Za-z0-9]{36,251}+|ithub_pat_[A-Za-z0-9_]{22,240}+)(?![A-Za-z0-9_])",
+    ),
+    _branch(
+        "secret_slack", "secret", "x", _TOKEN, "ox[baprs]-[A-Za-z0-9-]{10,250}+" + _TOKEN_END
+    ),
+    _branch("secret_google", "secret", "A", _TOKEN, "Iza[0-9A-Za-z_-]{35}" + _TOKEN_END),
+    _branch(
+        "secret_jwt", "secret", "e", _TOKEN,
+        r"yJ[A-Za-z0-9_-]{4,4096}+\.[A-Za-z0-9_-]{4,8192}+\.[A-Za-z0-9_-]{4,4096}+" + _TOKEN_END,
+    ),
+    _branch(  # Authorization: Bearer <token> (or Basic, Token, Bot, or no scheme)
+        "secret_auth", "secret", "[Aa]", _B,
+        f"(?i:uthorization){_ASSIGN}(?:(?i:bearer|basic|token|bot)[ \t]{{1,3}})?"
+        f"(?P<auth_v>{_TOKEN_CHARS})",
+        value="auth_v", validate=validate_token, scan="[Aa](?i:uthorization)",
+    ),
+    _branch(
+        "secret_bearer", "secret", "[Bb]", _B,
+        f"(?i:earer)[ \t]{{1,3}}(?P<bearer_v>{_TOKEN_CHARS})",
+        value="bearer_v", validate=validate_token,
+    ),
+    _keyword("[Pp]", "assword|asswd|assphrase|wd|rivate[_-]?key"),
+    _keyword("[Ss]", "ecret(?:[_-]?(?:access[_-]?)?key)?"),
+    _keyword("[Tt]", "oken"),
+    _keyword("[Aa]", "pi[_-]?(?:key|token|secret)|ccess[_-]?(?:token|key)|uth[_-]?token|pp[_-]?secret"),
+    _keyword("[Cc]", "lient[_-]?secret"),
+    _keyword("[Rr]", "efresh[_-]?token"),
+    _keyword("[Ii]", "d[_-]?token"),
+    _branch(  # scheme://user:PASSWORD@host
+        "secret_url", "secret", "[A-Za-z]", "[A-Za-z0-9+.-]",
+        r"[A-Za-z0-9+.-]{1,19}+://[^\s/:@]{1,64}+:(?P<url_v>[^\s/@]{1,128}+)@",
+        value="url_v",
+    ),
+    # --- e-mail
+    _branch(
+        "email", "email", "[A-Za-z0-9_%+-]", "[A-Za-z0-9._%+-]",
+        r"[A-Za-z0-9._%+-]{0,63}+@(?:[A-Za-z0-9-]{1,63}+\.){1,8}[A-Za-z]{2,24}+(?![A-Za-z0-9-])",
+    ),
+    # --- IBAN, card, SSN
+    _branch(
+        "iban", "iban", "[A-Z]", _W,
+        r"[A-Z][0-9]{2}(?: ?[A-Z0-9]{4}+){2,8}+(?: ?[A-Z0-9]{1,3}+)?+(?![A-Za-z0-9_])",
+        validate=validate_iban,
+    ),
+    _branch(  # 13-19 digits, or a group of 4 then groups of 3-6 with one kind of separator
+        "card", "credit_card", "[0-9]", _NUM,
+        r"(?:[0-9]{12,18}+|[0-9]{3}(?=(?:[ -]?[0-9]){9})(?P<card_sep>[ -])[0-9]{3,6}+"
+        r"(?:(?P=card_sep)[0-9]{3,6}+(?![0-9])){0,7}+)(?![A-Za-z0-9_])",
+        validate=validate_card,
+    ),
+    _branch(
+        "ssn", "ssn", "[0-9]", _NUM, r"[0-9]{2}-[0-9]{2}-[0-9]{4}" + _NUM_END, validate=validate_ssn
+    ),
+    # --- IP addresses
+    _branch(
+        "ipv4", "ip", "[0-9]", "[A-Za-z0-9_.]",
+        r"[0-9]{0,2}+\.[0-9]{1,3}+\.[0-9]{1,3}+\.[0-9]{1,3}+(?![A-Za-z0-9_]|\.[0-9])",
+        validate=validate_ipv4,
+    ),
+    _branch(  # a cheap shape (two colons within the first two groups); ipaddress decides
+        "ipv6", "ip", "[0-9A-Fa-f:]", "[A-Za-z0-9_.]",
+        r"(?=[0-9A-Fa-f]{0,3}+:[0-9A-Fa-f]{0,4}+:|(?<=:)[0-9A-Fa-f]{0,4}+:)"
+        r"[0-9A-Fa-f:]{0,44}+(?:\.[0-9]{1,3}+){0,3}+(?![A-Za-z0-9_:])",
+        validate=validate_ipv6,
+    ),
+    # --- phone numbers
+    _branch(  # +14155552671, +44 20 7946 0958, +1 (415) 555-2671, +33 1 23 45 67 89
+        "phone_intl", "phone", r"\+", "[A-Za-z0-9_+]",
+        r"(?=(?:[ .()-]{0,3}[0-9]){8})[1-9][0-9]{0,14}+"
+        r"(?:(?:[ .-]?\([0-9]{1,4}+\)[ .-]?|[ .-])[0-9]{1,12}+){0,6}+(?![A-Za-z0-9_])",
+        validate=validate_phone,
+    ),
+    _branch(  # (415) 555-2671
+        "phone_nanp_paren", "phone", r"\(", _W,
+        r"[2-9][0-9]{2}\)[ .-]?[2-9][0-9]{2}[ .-][0-9]{4}" + _NUM_END,
+        validate=validate_phone,
+    ),
+    _branch(  # 415-555-2671, 415.555.2671, 415 555 2671 (one separator throughout)
+        "phone_nanp", "phone", "[2-9]", _NUM,
+        r"[0-9]{2}(?P<nanp_sep>[ .-])[2-9][0-9]{2}(?P=nanp_sep)[0-9]{4}" + _NUM_END,
+        validate=validate_phone,
+    ),
+    _branch(  # 1-800-555-0199
+        "phone_nanp_1", "phone", "1", _NUM,
+        r"(?P<nanp1_sep>[ .-])[2-9][0-9]{2}(?P=nanp1_sep)[2-9][0-9]{2}(?P=nanp1_sep)[0-9]{4}"
+        + _NUM_END,
+        validate=validate_phone,
+    ),
+    _branch(  # national, trunk prefix 0: 020 7946 0958, 07700 900123, 030 12345678
+        "phone_trunk", "phone", "0", _NUM,
+        r"[1-9][0-9]{1,4}+[ -][0-9]{3,8}+(?:[ -][0-9]{3,4}+)?+" + _NUM_END,
+        validate=validate_phone,
+    ),
+    _branch(  # 01 23 45 67 89, 06.12.34.56.78
+        "phone_fr", "phone", "0", _NUM, r"[1-9](?:[ .][0-9]{2}){4}" + _NUM_END,
+        validate=validate_phone,
+    ),
+)  # fmt: skip
 
 # --- normalisation for hash tags ---------------------------------------------------------
 

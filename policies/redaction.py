@@ -6,6 +6,7 @@ import hashlib
 import hmac
 import re
 import secrets
+from itertools import compress
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -15,6 +16,7 @@ from policies.detectors import BUILTIN_BRANCHES, DETECTOR_TYPES, Branch, normali
 DetectorName = Literal["email", "phone", "credit_card", "ssn", "iban", "ip", "secret"]
 
 _CONTAINERS = (dict, list, tuple)
+_PAST_ANCHOR = r"[\s\S]"
 
 
 class CustomPattern(BaseModel):
@@ -65,26 +67,18 @@ class Redactor:
         self._hashed = config.replacement == "hash"
         enabled = set(config.detectors)
         branches = [b for b in BUILTIN_BRANCHES if b.kind in enabled]
-        # Custom patterns join the combined pattern unless they carry groups of their own
-        # (their numbers would shift) or global flags (only legal at the start): those run
-        # as their own pass, merged with the others.
-        self._separate: list[tuple[re.Pattern[str], str]] = []
-        for i, custom in enumerate(config.custom):
-            compiled = re.compile(custom.pattern)
-            if compiled.groups == 0 and _embeddable(custom.pattern):
-                branches.append(Branch(f"custom_{i}", custom.name, f"(?:{custom.pattern})"))
-            else:
-                self._separate.append((compiled, custom.name))
+        self._customs = [(re.compile(c.pattern), c.name) for c in config.custom]
         self._labels = {b.kind: b.kind.upper() for b in branches}
-        self._labels.update({name: name.upper() for _, name in self._separate})
+        self._labels.update({name: name.upper() for _, name in self._customs})
         self._scan: re.Pattern[str] | None = None
         if branches:
-            # One pass finds the next position where any branch matches; at that position
-            # one probe (a lookahead per branch) reports what every branch matches there.
-            self._scan = re.compile("|".join(f"(?:{b.pattern})" for b in branches))
-            self._probe = re.compile("".join(f"(?:(?=(?P<{b.name}>{b.pattern}))|)" for b in branches))
-            index = self._probe.groupindex
-            self._branches = [(b, index[b.name], index[b.value] if b.value else 0) for b in branches]
+            # The scan jumps from one non-alphanumeric character (an anchor) to the next
+            # where a branch may match; there a probe reports what each branch that can
+            # start with the next character matches (tables keyed by that character).
+            scans = dict.fromkeys(b.scan or b.pattern for b in branches)  # in order, once each
+            alternatives = "|".join(f"(?:{scan})" for scan in scans)
+            self._scan = re.compile(f"[^A-Za-z0-9](?:{alternatives})")
+            self._probes = _ProbeTables(branches)
 
     def redact(self, text: str, *, truncate: bool = True) -> tuple[str, dict[str, int]]:
         """The text with every detected value replaced, and the count per detector type.
@@ -146,37 +140,34 @@ class Redactor:
         candidate that fails its validation (Luhn, mod-97, ipaddress) blocks nothing."""
         spans: list[_Span] = []
         if self._scan is not None:
-            search, probe = self._scan.search, self._probe.match
-            pos, size = 0, len(text)
-            while pos < size:
-                found = search(text, pos)
-                if found is None:
-                    break
-                at = found.start()
-                regs = probe(text, at).regs  # type: ignore[union-attr]  # matches at `at`
+            padded = " " + text  # an anchor for a value at the very start; offsets are +1
+            search, probe_at = self._scan.search, self._probes.at
+            pos = floor = 0
+            while (found := search(padded, pos)) is not None:
+                anchor = found.start()
                 best_end, best = -1, None
-                for branch, group, value in self._branches:
-                    start, end = regs[group]
-                    if end <= start or end <= best_end:
-                        continue  # this branch did not match here, or matched no longer
-                    mask_start, mask_end = regs[value] if value else (start, end)
+                for branch, start, end, mask_start, mask_end in probe_at(padded, anchor):
+                    if end <= best_end or start < floor:
+                        continue  # no longer than the best, or overlapping the previous span
                     if branch.validate is not None:
-                        checked = branch.validate(text, mask_start, mask_end)
+                        checked = branch.validate(padded, mask_start, mask_end)
                         if checked < 0:
                             continue
                         if checked != mask_end:
                             end = mask_end = checked
                     if end > best_end:
-                        best_end, best = end, (mask_start, mask_end, branch.kind)
+                        best_end, best = end, (mask_start - 1, mask_end - 1, branch.kind)
                 if best is None:
-                    pos = at + 1
+                    pos = anchor + 1
                 else:
                     spans.append(best)
-                    pos = best_end
-        if self._separate:
+                    # the next value may start right at the end: its anchor is the last
+                    # character of this one
+                    pos, floor = best_end - 1, best_end
+        if self._customs:
             extra = [
                 (m.start(), m.end(), name)
-                for pattern, name in self._separate
+                for pattern, name in self._customs
                 for m in pattern.finditer(text)
                 if m.end() > m.start()
             ]
@@ -192,14 +183,61 @@ class Redactor:
         return f"[{label}:{digest.hexdigest()[:6]}]"
 
 
-def _embeddable(pattern: str) -> bool:
-    """Whether `pattern` compiles inside an alternation (global flags such as a leading
-    `(?i)` do not)."""
-    try:
-        re.compile(f"x|(?:{pattern})")
-    except re.error:
-        return False
-    return True
+class _Probe:
+    """A lookahead per branch, matched at an anchor: what each branch matches there."""
+
+    def __init__(self, branches: list[Branch]) -> None:
+        self.pattern = re.compile(
+            "".join(
+                f"(?:(?={'' if b.at_anchor else _PAST_ANCHOR}(?P<{b.name}>{b.pattern}))|)"
+                for b in branches
+            )
+        )
+        index = self.pattern.groupindex
+        self.branches = [(b, index[b.name], index[b.value] if b.value else 0) for b in branches]
+        self.groups = [group for _, group, _ in self.branches]
+
+    def run(self, text: str, anchor: int) -> list[tuple[Branch, int, int, int, int]]:
+        """(branch, start, end, mask start, mask end) of each branch that matches here."""
+        found = self.pattern.match(text, anchor)
+        assert found is not None  # every alternative of the probe may match empty
+        regs = found.regs
+        return [
+            (branch, *regs[group], *(regs[value] if value else regs[group]))
+            # only the branches that matched: their groups are non-empty strings
+            for branch, group, value in compress(self.branches, found.group(*self.groups))
+        ]
+
+
+class _ProbeTables:
+    """The probe for an anchor, chosen by the character after it (and by the anchor
+    itself for branches that start on it), so that only branches that can start there
+    are tried."""
+
+    def __init__(self, branches: list[Branch]) -> None:
+        ascii_chars = [chr(code) for code in range(128)]
+        starts = {b.name: {c for c in ascii_chars if re.fullmatch(b.first, c)} for b in branches}
+        on_anchor = set().union(*(starts[b.name] for b in branches if b.at_anchor))
+        compiled: dict[tuple[str, ...], _Probe] = {}
+
+        def table(anchor: str) -> dict[str, _Probe]:
+            probes = {}
+            for c in ascii_chars:
+                members = [b for b in branches if (anchor if b.at_anchor else c) in starts[b.name]]
+                key = tuple(b.name for b in members)
+                if key not in compiled:
+                    compiled[key] = _Probe(members)
+                probes[c] = compiled[key]
+            return probes
+
+        self._default = table("")
+        self._by_anchor = {anchor: table(anchor) for anchor in on_anchor}
+        self._all = _Probe(branches)  # after a non-ASCII character
+
+    def at(self, text: str, anchor: int) -> list[tuple[Branch, int, int, int, int]]:
+        probes = self._by_anchor.get(text[anchor], self._default)
+        probe = probes.get(text[anchor + 1 : anchor + 2]) or self._all
+        return probe.run(text, anchor)
 
 
 def _truncate(text: str, limit: int) -> tuple[str, str]:
@@ -213,13 +251,15 @@ def _truncate(text: str, limit: int) -> tuple[str, str]:
 
 
 def _merge(spans: list[_Span]) -> list[_Span]:
-    """Earliest, then longest, of possibly overlapping spans."""
+    """Built-in and custom spans together: the earliest, then longest, names a region;
+    a span overlapping it extends it, so that no part of either is left unmasked."""
     merged: list[_Span] = []
-    last = 0
     for span in sorted(spans, key=lambda s: (s[0], -s[1])):
-        if span[0] >= last:
+        if merged and span[0] < merged[-1][1]:
+            start, end, kind = merged[-1]
+            merged[-1] = (start, max(end, span[1]), kind)
+        else:
             merged.append(span)
-            last = span[1]
     return merged
 
 
