@@ -116,7 +116,7 @@ def test_stream_spans_and_time_to_first_chunk(gateway: RunningGateway) -> None:
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "a b c"}], stream=True
             )
         )
-    [server], [chat], _ = spans_by_kind(gateway, 3)
+    [_server], [chat], _ = spans_by_kind(gateway, 3)
     assert chat.attributes["gen_ai.request.stream"] is True
     assert chat.attributes["gen_ai.response.time_to_first_chunk"] > 0
     assert chat.attributes["gen_ai.usage.output_tokens"] == 3
