@@ -882,21 +882,10 @@ class Telemetry:
             for earlier in ctx.attempts:  # a retry/fallback closes what came before
                 if earlier is not attempt and isinstance(earlier.span, _AttemptTrace):
                     self._close_attempt(ctx, earlier, final=False)
-            if state.request_attrs is None:
-                state.request_attrs = gen.request_attributes(ctx.body, ctx.operation)
-            attributes = dict(state.request_attrs)
-            attributes.update(
-                gen.attempt_attributes(
-                    operation=ctx.operation,
-                    upstream_model=attempt.upstream_model,
-                    provider_kind=attempt.provider_kind,
-                    server_address=attempt.server_address,
-                    server_port=attempt.server_port,
-                    number=attempt.number,
-                    deployment=attempt.deployment,
-                    stream=ctx.stream,
-                )
-            )
+            attributes: dict[str, Any] | None = None
+            if state.span is None or state.span.is_recording():
+                # (in a sampled-out trace the child is not recorded either: skip the work)
+                attributes = self._attempt_attributes(ctx, attempt, state)
             span = self._tracer.start_span(
                 f"{ctx.operation} {attempt.upstream_model}",
                 context=state.context,
@@ -907,6 +896,26 @@ class Telemetry:
             attempt.span = _AttemptTrace(span)
         except Exception:
             self._failed("start_attempt")
+
+    def _attempt_attributes(
+        self, ctx: RequestContext, attempt: Attempt, state: _RequestTrace
+    ) -> dict[str, Any]:
+        if state.request_attrs is None:  # the body's part, computed once per request
+            state.request_attrs = gen.request_attributes(ctx.body, ctx.operation)
+        attributes = dict(state.request_attrs)
+        attributes.update(
+            gen.attempt_attributes(
+                operation=ctx.operation,
+                upstream_model=attempt.upstream_model,
+                provider_kind=attempt.provider_kind,
+                server_address=attempt.server_address,
+                server_port=attempt.server_port,
+                number=attempt.number,
+                deployment=attempt.deployment,
+                stream=ctx.stream,
+            )
+        )
+        return attributes
 
     def use_attempt(self, attempt: Attempt) -> contextlib.AbstractContextManager[None]:
         """The attempt span as the current span (not ended on exit), so the httpx

@@ -711,6 +711,18 @@ async def test_access_line(telemetry: Callable[..., Harness]) -> None:
     assert "sk-secret" not in raw and EMAIL not in raw
 
 
+async def test_nothing_exported_still_correlates() -> None:
+    out = io.StringIO()
+    tel = Telemetry.create(TelemetryConfig(exporter="none"), service_version="t", access_log=out)
+    ctx = request()
+    serve(tel, ctx, {"traceparent": TRACEPARENT})
+    await tel.shutdown()
+    (line,) = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert line["trace_id"] == "0af7651916cd43dd8448eb211c80319c"  # ids without recording
+    assert line["span_id"] is not None and line["span_id"] != "b7ad6b7169203331"
+    assert not ctx.trace.span.is_recording()
+
+
 async def test_text_access_line(telemetry: Callable[..., Harness]) -> None:
     h = telemetry(TelemetryConfig(exporter="none", log_format="text"))
     run_ok(h, request())
