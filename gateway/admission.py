@@ -183,12 +183,14 @@ async def settle(
 
 
 async def remaining_nano(gw: Gateway, scopes: list[BudgetScope]) -> int | None:
+    """The tightest limited scope's limit minus its spend and reservations, after settling."""
     try:
-        rows = await gw.store.spend(tuple(s.scope_id for s in scopes))
+        rows = await gw.store.balances(tuple(scopes))
     except StoreError:
         return None
-    used = {(r.scope_id, r.period_key): r.spent_nano + r.reserved_nano for r in rows}
-    return min((s.limit_nano or 0) - used.get((s.scope_id, s.period_key), 0) for s in scopes)
+    return min(
+        (s.limit_nano or 0) - r.spent_nano - r.reserved_nano for s, r in zip(scopes, rows, strict=True)
+    )
 
 
 def ratelimit_headers(decision: RateDecision) -> dict[str, str]:
