@@ -178,10 +178,11 @@ def describe_exporter(config: Config) -> str:
         return "none"
     if t.exporter == "console":
         return "console"
+    # the same precedence as gateway.telemetry: config, the per-signal env, the generic env
     endpoint = (
         t.endpoint
-        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
         or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
     )
     return f"otlp {t.protocol} {endpoint}" if endpoint else "none (no OTLP endpoint configured)"
 
