@@ -7,6 +7,7 @@ import shutil
 import signal
 import sys
 import threading
+from decimal import Decimal
 from pathlib import Path
 
 import httpx
@@ -95,3 +96,49 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     assert result["status"] == 200
     assert result["body"]["choices"][0]["message"]["content"] == "finish me"
     assert server.returncode == 0
+
+
+def test_two_workers_share_the_ledger_and_the_metrics(tmp_path: Path) -> None:
+    port = free_port()
+    config = tmp_path / "config.yaml"
+    shutil.copy(REPO / "config.yaml", config)
+    cmd = [
+        sys.executable,
+        "-m",
+        "gateway",
+        "serve",
+        "--config",
+        str(config),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "2",
+    ]
+    with run_process_server(cmd, port, cwd=tmp_path) as server, httpx.Client(timeout=20) as h:
+        costs = []
+        for _ in range(20):
+            # a new connection each time, so both workers take requests
+            r = httpx.post(
+                f"{server.url}/v1/chat/completions",
+                headers={"authorization": "Bearer sk-demo"},
+                json={"model": "demo", "messages": [{"role": "user", "content": "count me"}]},
+            )
+            assert r.status_code == 200
+            costs.append(Decimal(r.headers["x-tallygate-cost-usd"]))
+        scrapes = {
+            line
+            for _ in range(4)
+            for line in h.get(f"{server.url}/metrics").text.splitlines()
+            if line.startswith("tallygate_requests_total{")
+            and 'http_response_status_code="200"' in line
+        }
+        spend = h.get(
+            f"{server.url}/admin/spend", headers={"authorization": "Bearer sk-admin-demo"}
+        ).json()
+    # every scrape, whichever worker answers it, shows the sum over both workers
+    assert len(scrapes) == 1 and scrapes.pop().endswith(" 20.0")
+    team = next(r for r in spend["data"] if r["key"] is None and r["team"] == "demo")
+    assert Decimal(team["spent_usd"]) == sum(costs)
+    assert len([x for x in server.stdout.splitlines() if x.startswith("{")]) == 20
