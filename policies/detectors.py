@@ -170,6 +170,7 @@ def validate_token(text: str, start: int, end: int) -> int:
 # --- branches ----------------------------------------------------------------------------
 
 _W = "[A-Za-z0-9_]"  # ASCII word character
+_LATIN = "À-ÖØ-öø-ɏ"  # accented Latin letters: U+00C0-U+024F but U+00D7 and U+00F7
 _B = "[A-Za-z0-9]"  # keywords may follow `_` (DB_PASSWORD, OPENAI_API_KEY), not a letter
 _TOKEN = "[A-Za-z0-9_-]"
 _TOKEN_END = "(?![A-Za-z0-9_-])"
@@ -186,7 +187,8 @@ _KEY_SCAN = (
 _ASSIGN = r"""\\?["']?[ \t]{0,3}[:=][ \t]{0,3}\\?["']?"""  # `=`, `: `, `": "`, `\": \"`
 _VALUE = r"""[^\s"'`,;&<>(){}\[\]\\]{1,256}+"""
 _TOKEN_CHARS = "[A-Za-z0-9._~+/-]{8,4096}+={0,2}"
-_PEM_BODY = r"[A-Za-z0-9+/=\s:,.\\]{0,65536}+"  # base64, headers (Proc-Type: 4,ENCRYPTED), \n
+# base64 lines (also with `\n` escapes, inside JSON), headers such as `Proc-Type: 4,ENCRYPTED`
+_PEM_BODY = r"(?:[A-Za-z0-9+/=\r\n\t\\,.:]{1,65536}+|(?<=:) |-(?!-)){0,64}+"
 _PEM_LABEL = "(?:[A-Z0-9]{1,16} ){0,4}PRIVATE KEY(?: BLOCK)?-----"
 
 
@@ -207,8 +209,7 @@ BUILTIN_BRANCHES: tuple[Branch, ...] = (
     # --- secrets
     _branch(  # a PEM private key block, through END (or through its body when END is cut off)
         "secret_pem", "secret", "-", "-",
-        f"----BEGIN {_PEM_LABEL}{_PEM_BODY}(?:-(?!-){_PEM_BODY}){{0,16}}+"
-        f"(?:-----END {_PEM_LABEL})?",
+        f"----BEGIN {_PEM_LABEL}{_PEM_BODY}(?:-----END {_PEM_LABEL})?",
         scan="-(?<=--)(?<!---)---BEGIN ", at_anchor=True,
     ),
     _branch(  # sk-..., sk-proj-..., sk-ant-api03-...
@@ -261,9 +262,10 @@ BUILTIN_BRANCHES: tuple[Branch, ...] = (
         value="url_v",
     ),
     # --- e-mail
-    _branch(
-        "email", "email", "[A-Za-z0-9_%+-]", "[A-Za-z0-9._%+-]",
-        r"[A-Za-z0-9._%+-]{0,63}+@(?:[A-Za-z0-9-]{1,63}+\.){1,8}[A-Za-z]{2,24}+(?![A-Za-z0-9-])",
+    _branch(  # Latin letters with accents too (müller@bücher.de); not after `//` (URL userinfo)
+        "email", "email", f"[A-Za-z0-9_%+{_LATIN}-]", f"[A-Za-z0-9._%+{_LATIN}-]",
+        rf"(?<!//[\s\S])[A-Za-z0-9._%+{_LATIN}-]{{0,63}}+@(?:[A-Za-z0-9{_LATIN}-]{{1,63}}+\.){{1,8}}"
+        rf"[A-Za-z]{{2,24}}+(?![A-Za-z0-9{_LATIN}-])",
     ),
     # --- IBAN, card, SSN
     _branch(
@@ -286,10 +288,12 @@ BUILTIN_BRANCHES: tuple[Branch, ...] = (
         r"[0-9]{0,2}+\.[0-9]{1,3}+\.[0-9]{1,3}+\.[0-9]{1,3}+(?![A-Za-z0-9_]|\.[0-9])",
         validate=validate_ipv4,
     ),
-    _branch(  # a cheap shape (two colons within the first two groups); ipaddress decides
+    _branch(  # a cheap shape (two colons within the first two groups); ipaddress decides.
+        # Not inside a run of colons and hex digits (`a:b:...`, `2001:db8:::1`).
         "ipv6", "ip", "[0-9A-Fa-f:]", "[A-Za-z0-9_.]",
+        r"(?<![0-9A-Fa-f:]:[\s\S])(?<!::)"
         r"(?=[0-9A-Fa-f]{0,3}+:[0-9A-Fa-f]{0,4}+:|(?<=:)[0-9A-Fa-f]{0,4}+:)"
-        r"[0-9A-Fa-f:]{0,44}+(?:\.[0-9]{1,3}+){0,3}+(?![A-Za-z0-9_:])",
+        r"[0-9A-Fa-f:]{0,44}+(?:\.[0-9]{1,3}+){0,3}+(?![A-Za-z0-9_]|:[0-9A-Fa-f:])",
         validate=validate_ipv6,
     ),
     # --- phone numbers
@@ -315,9 +319,14 @@ BUILTIN_BRANCHES: tuple[Branch, ...] = (
         + _NUM_END,
         validate=validate_phone,
     ),
-    _branch(  # national, trunk prefix 0: 020 7946 0958, 07700 900123, 030 12345678
+    _branch(  # national, trunk prefix 0: 020 7946 0958, 07700 900123, 030 12345678, 02 9876 5432
         "phone_trunk", "phone", "0", _NUM,
-        r"[1-9][0-9]{1,4}+[ -][0-9]{3,8}+(?:[ -][0-9]{3,4}+)?+" + _NUM_END,
+        r"[1-9][0-9]{0,4}+[ -][0-9]{3,8}+(?:[ -][0-9]{3,4}+)?+" + _NUM_END,
+        validate=validate_phone,
+    ),
+    _branch(  # (020) 7946 0958, (02) 9876 5432
+        "phone_trunk_paren", "phone", r"\(", _W,
+        r"0[1-9][0-9]{0,4}+\)[ -]?[0-9]{3,8}+(?:[ -][0-9]{3,4}+)?+" + _NUM_END,
         validate=validate_phone,
     ),
     _branch(  # 01 23 45 67 89, 06.12.34.56.78

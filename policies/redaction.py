@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -65,20 +66,10 @@ class Redactor:
         self._max_chars = config.max_chars
         self._hash_key = config.hash_key.encode() if config.hash_key else secrets.token_bytes(32)
         self._hashed = config.replacement == "hash"
-        enabled = set(config.detectors)
-        branches = [b for b in BUILTIN_BRANCHES if b.kind in enabled]
+        self._matcher = _matcher(frozenset(config.detectors)) if config.detectors else None
         self._customs = [(re.compile(c.pattern), c.name) for c in config.custom]
-        self._labels = {b.kind: b.kind.upper() for b in branches}
+        self._labels = {kind: kind.upper() for kind in config.detectors}
         self._labels.update({name: name.upper() for _, name in self._customs})
-        self._scan: re.Pattern[str] | None = None
-        if branches:
-            # The scan jumps from one non-alphanumeric character (an anchor) to the next
-            # where a branch may match; there a probe reports what each branch that can
-            # start with the next character matches (tables keyed by that character).
-            scans = dict.fromkeys(b.scan or b.pattern for b in branches)  # in order, once each
-            alternatives = "|".join(f"(?:{scan})" for scan in scans)
-            self._scan = re.compile(f"[^A-Za-z0-9](?:{alternatives})")
-            self._probes = _ProbeTables(branches)
 
     def redact(self, text: str, *, truncate: bool = True) -> tuple[str, dict[str, int]]:
         """The text with every detected value replaced, and the count per detector type.
@@ -136,34 +127,7 @@ class Redactor:
         return new
 
     def _find(self, text: str) -> list[_Span]:
-        """Non-overlapping spans to mask: the earliest match wins, then the longest; a
-        candidate that fails its validation (Luhn, mod-97, ipaddress) blocks nothing."""
-        spans: list[_Span] = []
-        if self._scan is not None:
-            padded = " " + text  # an anchor for a value at the very start; offsets are +1
-            search, probe_at = self._scan.search, self._probes.at
-            pos = floor = 0
-            while (found := search(padded, pos)) is not None:
-                anchor = found.start()
-                best_end, best = -1, None
-                for branch, start, end, mask_start, mask_end in probe_at(padded, anchor):
-                    if end <= best_end or start < floor:
-                        continue  # no longer than the best, or overlapping the previous span
-                    if branch.validate is not None:
-                        checked = branch.validate(padded, mask_start, mask_end)
-                        if checked < 0:
-                            continue
-                        if checked != mask_end:
-                            end = mask_end = checked
-                    if end > best_end:
-                        best_end, best = end, (mask_start - 1, mask_end - 1, branch.kind)
-                if best is None:
-                    pos = anchor + 1
-                else:
-                    spans.append(best)
-                    # the next value may start right at the end: its anchor is the last
-                    # character of this one
-                    pos, floor = best_end - 1, best_end
+        spans = self._matcher.find(text) if self._matcher is not None else []
         if self._customs:
             extra = [
                 (m.start(), m.end(), name)
@@ -183,6 +147,56 @@ class Redactor:
         return f"[{label}:{digest.hexdigest()[:6]}]"
 
 
+@functools.lru_cache(maxsize=8)
+def _matcher(detectors: frozenset[str]) -> _Matcher:
+    """Compiled once per set of enabled detectors (the patterns are constants)."""
+    return _Matcher([b for b in BUILTIN_BRANCHES if b.kind in detectors])
+
+
+class _Matcher:
+    """Finds the built-in detectors' values in one scan of the text.
+
+    The scan jumps from one non-alphanumeric character (an anchor) to the next where a
+    branch may match; there a probe reports what each branch that can start there
+    matches, and validators (Luhn, mod-97, ipaddress) keep or drop each candidate."""
+
+    def __init__(self, branches: list[Branch]) -> None:
+        scans = dict.fromkeys(b.scan or b.pattern for b in branches)  # in order, once each
+        alternatives = "|".join(f"(?:{scan})" for scan in scans)
+        self._scan = re.compile(f"[^A-Za-z0-9](?:{alternatives})")
+        self._probes = _ProbeTables(branches)
+
+    def find(self, text: str) -> list[_Span]:
+        """Non-overlapping spans to mask: the earliest match wins, then the longest; a
+        candidate that fails its validation blocks nothing."""
+        spans: list[_Span] = []
+        padded = " " + text  # an anchor for a value at the very start; offsets are +1
+        search, probe_at = self._scan.search, self._probes.at
+        pos = floor = 0
+        while (found := search(padded, pos)) is not None:
+            anchor = found.start()
+            best_end, best = -1, None
+            for branch, start, end, mask_start, mask_end in probe_at(padded, anchor):
+                if end <= best_end or start < floor:
+                    continue  # no longer than the best, or overlapping the previous span
+                if branch.validate is not None:
+                    checked = branch.validate(padded, mask_start, mask_end)
+                    if checked < 0:
+                        continue
+                    if checked != mask_end:
+                        end = mask_end = checked
+                if end > best_end:
+                    best_end, best = end, (mask_start - 1, mask_end - 1, branch.kind)
+            if best is None:
+                pos = anchor + 1
+            else:
+                spans.append(best)
+                # the next value may start right at this one's end: its anchor is then
+                # this one's last character
+                pos, floor = best_end - 1, best_end
+        return spans
+
+
 class _Probe:
     """A lookahead per branch, matched at an anchor: what each branch matches there."""
 
@@ -200,7 +214,8 @@ class _Probe:
     def run(self, text: str, anchor: int) -> list[tuple[Branch, int, int, int, int]]:
         """(branch, start, end, mask start, mask end) of each branch that matches here."""
         found = self.pattern.match(text, anchor)
-        assert found is not None  # every alternative of the probe may match empty
+        if found is None:  # cannot happen: every lookahead is optional
+            return []
         regs = found.regs
         return [
             (branch, *regs[group], *(regs[value] if value else regs[group]))
