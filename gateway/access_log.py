@@ -7,6 +7,7 @@ workers sharing stdout) never interleave within a line.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -132,16 +133,35 @@ def format_text(record: dict[str, Any]) -> str:
 
 
 class AccessLog:
-    """Writes access records to a text stream, one line per write() call."""
+    """Writes access records to a text stream, one line per write() call.
 
-    __slots__ = ("_format", "_stream")
+    Flushes at most every FLUSH_DELAY_S on the running loop rather than per line: a flush is
+    a syscall (~0.1 ms here), and lines still leave within 50 ms, whole, in order."""
+
+    FLUSH_DELAY_S = 0.05
+    __slots__ = ("_flush_pending", "_format", "_stream")
 
     def __init__(self, stream: TextIO, log_format: Literal["json", "text"] = "json") -> None:
         self._stream = stream
         self._format = format_json if log_format == "json" else format_text
+        self._flush_pending = False
 
     def write(self, record: dict[str, Any]) -> str:
         line = self._format(record)
         self._stream.write(line)
-        self._stream.flush()  # a line per request, not a block every few KB (pipes, containers)
+        if not self._flush_pending:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a CLI, a test): flush now
+                self._stream.flush()
+                return line
+            self._flush_pending = True
+            loop.call_later(self.FLUSH_DELAY_S, self.flush)
         return line
+
+    def flush(self) -> None:
+        self._flush_pending = False
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):  # a closed or broken stdout must not fail anything
+            pass

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -51,7 +50,7 @@ PASSED_UPSTREAM_HEADERS = ("openai-processing-ms", "openai-version")
 
 async def handle(gw: Gateway, request: Request, operation: str) -> Response:
     ctx = RequestContext(
-        request_id=request.headers.get("x-request-id") or f"req_{uuid.uuid4().hex}",
+        request_id=request.headers.get("x-request-id") or gw.new_request_id(),
         method=request.method,
         path=request.url.path,
         operation=operation,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import socket
 from dataclasses import dataclass, field
 from typing import Any, TextIO
@@ -54,6 +55,11 @@ class Gateway:
     ready: bool = False
     started_at: float = 0.0
     warming: asyncio.Task[None] | None = None  # tokenizers loading; /readyz waits for it
+    # Request ids need uniqueness, not secrecy: os.urandom per request costs ~0.1 ms here.
+    ids: random.Random = field(default_factory=lambda: random.Random(os.urandom(16)))
+
+    def new_request_id(self) -> str:
+        return f"req_{self.ids.getrandbits(128):032x}"
 
     @property
     def max_body_bytes(self) -> int:

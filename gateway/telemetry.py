@@ -1252,6 +1252,7 @@ class Telemetry:
         if self._closed:
             return
         self._closed = True
+        self._access.flush()
         for health in self._healths:
             health.shutting_down = True
         loop = asyncio.get_running_loop()

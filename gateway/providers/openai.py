@@ -27,12 +27,15 @@ class OpenAIProvider:
         self.server_address: str | None = url.host
         self.server_port: int | None = url.port or (443 if url.scheme == "https" else 80)
         self.client = client or make_client(config)
+        # identity: streams are relayed byte for byte, and gzip costs CPU we need elsewhere
         self._headers = {
             "content-type": "application/json",
+            "accept-encoding": "identity",
             **config.headers,
             **self.auth_headers(),
         }
-        self._timeouts: dict[float, httpx.Timeout] = {}
+        self._timeouts: dict[float, dict[str, float | None]] = {}
+        self._urls: dict[tuple[str, str], httpx.URL] = {}
 
     def auth_headers(self) -> dict[str, str]:
         key = self.config.api_key
@@ -58,15 +61,19 @@ class OpenAIProvider:
     ) -> UpstreamResponse:
         timeout = self._timeouts.get(timeout_s)
         if timeout is None:
-            timeout = self._timeouts[timeout_s] = timeouts(self.config, timeout_s)
-        request = self.client.build_request(
+            timeout = self._timeouts[timeout_s] = timeouts(self.config, timeout_s).as_dict()
+        url = self._urls.get((operation, model))
+        if url is None:
+            url = self._urls[(operation, model)] = httpx.URL(self.url_for(operation, model))
+        request = httpx.Request(
             "POST",
-            self.url_for(operation, model),
+            url,
             content=orjson.dumps(body),
             headers={**self._headers, "x-request-id": request_id},
-            timeout=timeout,
+            extensions={"timeout": timeout},
         )
-        response = await self.client.send(request, stream=True)
+        # Straight to the (instrumented) transport; see gateway.providers.http.make_client.
+        response = await self.client._transport.handle_async_request(request)
         if stream and response.status_code == 200:
             return UpstreamResponse(
                 response.status_code,
