@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 DETECTOR_TYPES = ("email", "phone", "credit_card", "ssn", "iban", "ip", "secret")
@@ -31,23 +32,28 @@ class Branch:
     at_anchor: bool = False
 
 
-def _branch(name: str, kind: str, first: str, not_after: str, rest: str, **kw: Any) -> Branch:
+def _branch(
+    name: str, kind: str, first: str, not_after: str, rest: str, peek: str = "", **kw: Any
+) -> Branch:
     """A branch whose first character, of class `first`, does not follow one of `not_after`.
 
-    The lookbehind comes after the first character so that the regex engine's branch
-    dispatch rejects a position on its first character alone."""
-    return Branch(name, kind, first, f"{first}(?<!{not_after}[\\s\\S]){rest}", **kw)
+    The lookbehind comes after the first character, so that the regex engine rejects most
+    positions on their first character alone, and after `peek` (a cheap lookahead on what
+    follows), so that it rejects most others without looking back."""
+    check = f"(?={peek})" if peek else ""
+    return Branch(name, kind, first, f"{first}{check}(?<!{not_after}[\\s\\S]){rest}", **kw)
 
 
 # --- validators --------------------------------------------------------------------------
 
 
-_DOUBLED = (0, 2, 4, 6, 8, 1, 3, 5, 7, 9)  # Luhn: a doubled digit, its digits summed
+_DOUBLED = {"0": 0, "1": 2, "2": 4, "3": 6, "4": 8, "5": 1, "6": 3, "7": 5, "8": 7, "9": 9}
 
 
 def _luhn(digits: str) -> bool:
-    total = sum(map(int, digits[-1::-2])) + sum(_DOUBLED[int(d)] for d in digits[-2::-2])
-    return total % 10 == 0
+    """Luhn: every second digit from the right doubled (its digits summed), total % 10 == 0."""
+    odd = sum(map(int, digits[-1::-2]))
+    return (odd + sum(map(_DOUBLED.__getitem__, digits[-2::-2]))) % 10 == 0
 
 
 def _card_prefix_ok(digits: str) -> bool:
@@ -67,16 +73,13 @@ def validate_card(text: str, start: int, end: int) -> int:
     """The longest prefix of the digit groups that is a valid card, so that `4111 1111 1111
     1111 2026` masks the card and keeps the year: 13 to 19 digits, issuer prefix, Luhn."""
     runs = text[start:end].replace("-", " ").split(" ")
-    ends, total = [], 0
-    for run in runs:
-        total += len(run)
-        ends.append(total)
+    sizes = list(accumulate(map(len, runs)))
     for count in range(len(runs), 0, -1):
-        size = ends[count - 1]
-        if size < 13:
-            break
+        size = sizes[count - 1]
         if size > 19:
             continue
+        if size < 13:
+            break
         digits = "".join(runs[:count])
         if _card_prefix_ok(digits) and len(set(digits)) > 1 and _luhn(digits):
             return start + size + count - 1
@@ -177,12 +180,15 @@ _TOKEN_END = "(?![A-Za-z0-9_-])"
 _NUM = "[A-Za-z0-9_.+-]"  # a number does not start right after one of these
 _NUM_END = "(?![A-Za-z0-9_]|[.-][0-9])"  # nor is it followed by a letter, a digit, .5 or -5
 
-# What the scan stops at for `key: value` assignments: a word of letters, `_` and `-`
-# followed by `:` or `=` (after an optional quote and spaces) that ends like a keyword
-# (passwORD, passSWD, PWD, passphrASE, api_KEY, secRET, toKEN).
-_KEY_SCAN = (
-    r"""[A-Za-z][A-Za-z_-]{1,24}+(?=\\?["']?[ \t]{0,3}[:=])"""
-    r"(?<=(?i:ord|swd|pwd|ase|key|ret|ken))"
+# What the scan stops at for e-mails, URL credentials and `key: value` assignments (one
+# pass over the word serves the three): a word followed by `@`, by `://`, or by `:` / `=`
+# (after an optional quote and spaces) when it ends like a keyword (passwORD, passSWD,
+# PWD, passphrASE, api_KEY, secRET, toKEN).
+_WORD_SCAN = (
+    rf"(?:[A-Za-z0-9{_LATIN}]|[_%+-](?<![A-Za-z0-9._%+{_LATIN}-][_%+-]))"  # as an e-mail starts
+    rf"[A-Za-z0-9._%+{_LATIN}-]{{0,63}}+"
+    r"(?:@|://[^\s/:@]{1,64}+:[^\s/@]{1,128}+@"
+    r"""|(?=\\?["']?[ \t]{0,3}[:=])(?<=(?i:ord|swd|pwd|ase|key|ret|ken)))"""
 )
 _ASSIGN = r"""\\?["']?[ \t]{0,3}[:=][ \t]{0,3}\\?["']?"""  # `=`, `: `, `": "`, `\": \"`
 _VALUE = r"""[^\s"'`,;&<>(){}\[\]\\]{1,256}+"""
@@ -201,7 +207,7 @@ def _keyword(first: str, rest: str) -> Branch:
         _B,
         f"(?i:{rest}){_ASSIGN}(?P<kv_{first[1]}>{_VALUE})",
         value=f"kv_{first[1]}",
-        scan=_KEY_SCAN,
+        scan=_WORD_SCAN,
     )
 
 
@@ -213,41 +219,44 @@ BUILTIN_BRANCHES: tuple[Branch, ...] = (
         scan="-(?<=--)(?<!---)---BEGIN ", at_anchor=True,
     ),
     _branch(  # sk-..., sk-proj-..., sk-ant-api03-...
-        "secret_openai", "secret", "s", _TOKEN, "k-[A-Za-z0-9_-]{20,512}+" + _TOKEN_END
+        "secret_openai", "secret", "s", _TOKEN, "k-[A-Za-z0-9_-]{20,512}+" + _TOKEN_END, "k-"
     ),
     _branch(  # sk_live_, pk_live_, rk_live_, sk_test_, ...
         "secret_stripe", "secret", "[spr]", _TOKEN,
-        "k_(?:live|test)_[A-Za-z0-9]{10,247}+" + _TOKEN_END,
+        "k_(?:live|test)_[A-Za-z0-9]{10,247}+" + _TOKEN_END, "k_",
     ),
-    _branch("secret_aws_id", "secret", "A", _B, "(?:KIA|SIA)[A-Z0-9]{16}(?![A-Za-z0-9])"),
+    _branch("secret_aws_id", "secret", "A", _B, "(?:KIA|SIA)[A-Z0-9]{16}(?![A-Za-z0-9])", "[KS]IA"),
     _branch(
         "secret_aws_key", "secret", "[Aa]", _B,
         f"(?i:ws[_-]?secret[_-]?(?:access[_-]?)?key){_ASSIGN}"
         "(?P<aws_v>[A-Za-z0-9/+=]{40})(?![A-Za-z0-9/+=])",
-        value="aws_v", scan=_KEY_SCAN,
+        value="aws_v", scan=_WORD_SCAN,
     ),
     _branch(  # ghp_, gho_, ghu_, ghs_, ghr_, github_pat_
         "secret_github", "secret", "g", _W,
         "(?:h[pousr]_[A-Za-z0-9]{36,251}+|ithub_pat_[A-Za-z0-9_]{22,240}+)(?![A-Za-z0-9_])",
+        "h[pousr]_|ithub_pat_",
     ),
     _branch(
-        "secret_slack", "secret", "x", _TOKEN, "ox[baprs]-[A-Za-z0-9-]{10,250}+" + _TOKEN_END
+        "secret_slack", "secret", "x", _TOKEN, "ox[baprs]-[A-Za-z0-9-]{10,250}+" + _TOKEN_END, "ox"
     ),
-    _branch("secret_google", "secret", "A", _TOKEN, "Iza[0-9A-Za-z_-]{35}" + _TOKEN_END),
+    _branch("secret_google", "secret", "A", _TOKEN, "Iza[0-9A-Za-z_-]{35}" + _TOKEN_END, "Iza"),
     _branch(
         "secret_jwt", "secret", "e", _TOKEN,
         r"yJ[A-Za-z0-9_-]{4,4096}+\.[A-Za-z0-9_-]{4,8192}+\.[A-Za-z0-9_-]{4,4096}+" + _TOKEN_END,
+        "yJ",
     ),
     _branch(  # Authorization: Bearer <token> (or Basic, Token, Bot, or no scheme)
         "secret_auth", "secret", "[Aa]", _B,
         f"(?i:uthorization){_ASSIGN}(?:(?i:bearer|basic|token|bot)[ \t]{{1,3}})?"
         f"(?P<auth_v>{_TOKEN_CHARS})",
-        value="auth_v", validate=validate_token, scan="[Aa](?i:uthorization)",
+        peek="(?i:uthorization)", value="auth_v", validate=validate_token,
+        scan="[Aa](?i:uthorization)",
     ),
     _branch(
         "secret_bearer", "secret", "[Bb]", _B,
         f"(?i:earer)[ \t]{{1,3}}(?P<bearer_v>{_TOKEN_CHARS})",
-        value="bearer_v", validate=validate_token,
+        peek="(?i:earer)[ \t]", value="bearer_v", validate=validate_token,
     ),
     _keyword("[Pp]", "assword|asswd|assphrase|wd|rivate[_-]?key"),
     _keyword("[Ss]", "ecret(?:[_-]?(?:access[_-]?)?key)?"),
@@ -259,79 +268,81 @@ BUILTIN_BRANCHES: tuple[Branch, ...] = (
     _branch(  # scheme://user:PASSWORD@host
         "secret_url", "secret", "[A-Za-z]", "[A-Za-z0-9+.-]",
         r"[A-Za-z0-9+.-]{1,19}+://[^\s/:@]{1,64}+:(?P<url_v>[^\s/@]{1,128}+)@",
-        value="url_v",
+        value="url_v", scan=_WORD_SCAN,
     ),
     # --- e-mail
     _branch(  # Latin letters with accents too (müller@bücher.de); not after `//` (URL userinfo)
         "email", "email", f"[A-Za-z0-9_%+{_LATIN}-]", f"[A-Za-z0-9._%+{_LATIN}-]",
         rf"(?<!//[\s\S])[A-Za-z0-9._%+{_LATIN}-]{{0,63}}+@(?:[A-Za-z0-9{_LATIN}-]{{1,63}}+\.){{1,8}}"
         rf"[A-Za-z]{{2,24}}+(?![A-Za-z0-9{_LATIN}-])",
+        scan=_WORD_SCAN,
     ),
     # --- IBAN, card, SSN
     _branch(
         "iban", "iban", "[A-Z]", _W,
         r"[A-Z][0-9]{2}(?: ?[A-Z0-9]{4}+){2,8}+(?: ?[A-Z0-9]{1,3}+)?+(?![A-Za-z0-9_])",
-        validate=validate_iban,
+        peek="[A-Z][0-9]{2}", validate=validate_iban,
     ),
     _branch(  # 13-19 digits, or a group of 4 then groups of 3-6 with one kind of separator
         "card", "credit_card", "[0-9]", _NUM,
         r"(?:[0-9]{12,18}+|[0-9]{3}(?=(?:[ -]?[0-9]){9})(?P<card_sep>[ -])[0-9]{3,6}+"
         r"(?:(?P=card_sep)[0-9]{3,6}+(?![0-9])){0,7}+)(?![A-Za-z0-9_])",
-        validate=validate_card,
+        peek="[0-9]{3}", validate=validate_card,
     ),
     _branch(
-        "ssn", "ssn", "[0-9]", _NUM, r"[0-9]{2}-[0-9]{2}-[0-9]{4}" + _NUM_END, validate=validate_ssn
+        "ssn", "ssn", "[0-9]", _NUM, r"[0-9]{2}-[0-9]{2}-[0-9]{4}" + _NUM_END,
+        peek="[0-9]{2}-", validate=validate_ssn,
     ),
     # --- IP addresses
     _branch(
         "ipv4", "ip", "[0-9]", "[A-Za-z0-9_.]",
         r"[0-9]{0,2}+\.[0-9]{1,3}+\.[0-9]{1,3}+\.[0-9]{1,3}+(?![A-Za-z0-9_]|\.[0-9])",
-        validate=validate_ipv4,
+        peek=r"[0-9]{0,2}+\.[0-9]", validate=validate_ipv4,
     ),
     _branch(  # a cheap shape (two colons within the first two groups); ipaddress decides.
         # Not inside a run of colons and hex digits (`a:b:...`, `2001:db8:::1`).
         "ipv6", "ip", "[0-9A-Fa-f:]", "[A-Za-z0-9_.]",
         r"(?<![0-9A-Fa-f:]:[\s\S])(?<!::)"
-        r"(?=[0-9A-Fa-f]{0,3}+:[0-9A-Fa-f]{0,4}+:|(?<=:)[0-9A-Fa-f]{0,4}+:)"
         r"[0-9A-Fa-f:]{0,44}+(?:\.[0-9]{1,3}+){0,3}+(?![A-Za-z0-9_]|:[0-9A-Fa-f:])",
+        peek="[0-9A-Fa-f]{0,3}+:[0-9A-Fa-f]{0,4}+:|(?<=:)[0-9A-Fa-f]{0,4}+:",
         validate=validate_ipv6,
     ),
     # --- phone numbers
     _branch(  # +14155552671, +44 20 7946 0958, +1 (415) 555-2671, +33 1 23 45 67 89
         "phone_intl", "phone", r"\+", "[A-Za-z0-9_+]",
-        r"(?=(?:[ .()-]{0,3}[0-9]){8})[1-9][0-9]{0,14}+"
+        r"[1-9][0-9]{0,14}+"
         r"(?:(?:[ .-]?\([0-9]{1,4}+\)[ .-]?|[ .-])[0-9]{1,12}+){0,6}+(?![A-Za-z0-9_])",
-        validate=validate_phone,
+        peek=r"(?:[ .()-]{0,3}[0-9]){8}", validate=validate_phone,
     ),
     _branch(  # (415) 555-2671
         "phone_nanp_paren", "phone", r"\(", _W,
         r"[2-9][0-9]{2}\)[ .-]?[2-9][0-9]{2}[ .-][0-9]{4}" + _NUM_END,
-        validate=validate_phone,
+        peek=r"[2-9][0-9]{2}\)", validate=validate_phone,
     ),
     _branch(  # 415-555-2671, 415.555.2671, 415 555 2671 (one separator throughout)
         "phone_nanp", "phone", "[2-9]", _NUM,
         r"[0-9]{2}(?P<nanp_sep>[ .-])[2-9][0-9]{2}(?P=nanp_sep)[0-9]{4}" + _NUM_END,
-        validate=validate_phone,
+        peek="[0-9]{2}[ .-][2-9]", validate=validate_phone,
     ),
     _branch(  # 1-800-555-0199
         "phone_nanp_1", "phone", "1", _NUM,
         r"(?P<nanp1_sep>[ .-])[2-9][0-9]{2}(?P=nanp1_sep)[2-9][0-9]{2}(?P=nanp1_sep)[0-9]{4}"
         + _NUM_END,
-        validate=validate_phone,
+        peek="[ .-][2-9]", validate=validate_phone,
     ),
     _branch(  # national, trunk prefix 0: 020 7946 0958, 07700 900123, 030 12345678, 02 9876 5432
         "phone_trunk", "phone", "0", _NUM,
         r"[1-9][0-9]{0,4}+[ -][0-9]{3,8}+(?:[ -][0-9]{3,4}+)?+" + _NUM_END,
-        validate=validate_phone,
+        peek="[1-9]", validate=validate_phone,
     ),
     _branch(  # (020) 7946 0958, (02) 9876 5432
         "phone_trunk_paren", "phone", r"\(", _W,
         r"0[1-9][0-9]{0,4}+\)[ -]?[0-9]{3,8}+(?:[ -][0-9]{3,4}+)?+" + _NUM_END,
-        validate=validate_phone,
+        peek="0[1-9]", validate=validate_phone,
     ),
     _branch(  # 01 23 45 67 89, 06.12.34.56.78
         "phone_fr", "phone", "0", _NUM, r"[1-9](?:[ .][0-9]{2}){4}" + _NUM_END,
-        validate=validate_phone,
+        peek="[1-9][ .]", validate=validate_phone,
     ),
 )  # fmt: skip
 

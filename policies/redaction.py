@@ -220,7 +220,7 @@ class _Probe:
         return [
             (branch, *regs[group], *(regs[value] if value else regs[group]))
             # only the branches that matched: their groups are non-empty strings
-            for branch, group, value in compress(self.branches, found.group(*self.groups))
+            for branch, group, value in compress(self.branches, found.group(0, *self.groups)[1:])
         ]
 
 
