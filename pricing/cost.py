@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from decimal import ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
 
 from .table import Price
@@ -84,7 +85,31 @@ def _or(value: Decimal | None, fallback: Decimal) -> Decimal:
     return fallback if value is None else value
 
 
+_UNITS_PER_MTOK = 10**12  # a per-Mtok price in these units is exact for up to 12 decimals
+_UNITS_PER_NANO = 10**9  # tokens x units = nano-USD x 10**9
+
+
+@functools.lru_cache(maxsize=4096)
+def _units(per_mtok: Decimal) -> int | None:
+    """A price as an integer (USD per Mtok x 10**12), or None if that is not exact.
+
+    Memoised: a pure function of a handful of table prices, so the hot path multiplies
+    ints instead of Decimals."""
+    scaled = per_mtok.scaleb(12)
+    return int(scaled) if scaled == scaled.to_integral_value() else None
+
+
 def _round(*terms: tuple[int, Decimal]) -> int:
+    total = 0
+    for tokens, per_mtok in terms:
+        units = _units(per_mtok)
+        if units is None:
+            return _round_decimal(terms)
+        total += tokens * units
+    return (total + _UNITS_PER_NANO // 2) // _UNITS_PER_NANO  # half-up (terms are >= 0)
+
+
+def _round_decimal(terms: tuple[tuple[int, Decimal], ...]) -> int:
     with localcontext(prec=_PRECISION):
         total = sum(
             (Decimal(tokens) * per_mtok * _NANO_PER_TOKEN_PER_MTOK for tokens, per_mtok in terms),
