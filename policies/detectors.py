@@ -187,11 +187,11 @@ _NUM_END = "(?![A-Za-z0-9_]|[.-][0-9])"  # nor is it followed by a letter, a dig
 _WORD_SCAN = (
     rf"(?:[A-Za-z0-9{_LATIN}]|[_%+-](?<![A-Za-z0-9._%+{_LATIN}-][_%+-]))"  # as an e-mail starts
     rf"[A-Za-z0-9._%+{_LATIN}-]{{0,63}}+"
-    r"(?:@|://[^\s/:@]{1,64}+:[^\s/@]{1,128}+@"
+    r"(?:@|://[^\s/:@]{1,64}+:[^\s/@]{1,256}+@"
     r"""|(?=\\?["']?[ \t]{0,3}[:=])(?<=(?i:ord|swd|pwd|ase|key|ret|ken)))"""
 )
 _ASSIGN = r"""\\?["']?[ \t]{0,3}[:=][ \t]{0,3}\\?["']?"""  # `=`, `: `, `": "`, `\": \"`
-_VALUE = r"""[^\s"'`,;&<>(){}\[\]\\]{1,256}+"""
+_VALUE = r"""[^\s"'`,;&<>(){}\[\]\\]{1,4096}+"""
 _TOKEN_CHARS = "[A-Za-z0-9._~+/-]{8,4096}+={0,2}"
 # base64 lines (also with `\n` escapes, inside JSON), headers such as `Proc-Type: 4,ENCRYPTED`
 _PEM_BODY = r"(?:[A-Za-z0-9+/=\r\n\t\\,.:]{1,65536}+|(?<=:) |-(?!-)){0,64}+"
@@ -267,7 +267,7 @@ BUILTIN_BRANCHES: tuple[Branch, ...] = (
     _keyword("[Ii]", "d[_-]?token"),
     _branch(  # scheme://user:PASSWORD@host
         "secret_url", "secret", "[A-Za-z]", "[A-Za-z0-9+.-]",
-        r"[A-Za-z0-9+.-]{1,19}+://[^\s/:@]{1,64}+:(?P<url_v>[^\s/@]{1,128}+)@",
+        r"[A-Za-z0-9+.-]{1,19}+://[^\s/:@]{1,64}+:(?P<url_v>[^\s/@]{1,256}+)@",
         value="url_v", scan=_WORD_SCAN,
     ),
     # --- e-mail

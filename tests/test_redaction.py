@@ -298,6 +298,9 @@ def test_secret_tokens(redactor: Redactor, secret: str) -> None:
         ("send it as bearer 9f8e7d6c5b4a", "send it as bearer [SECRET]"),
         (f"Authorization: Bearer {JWT}", "Authorization: Bearer [SECRET]"),
         ("postgres://app:s3cr3t@db:5432/prod", "postgres://app:[SECRET]@db:5432/prod"),
+        ("token=" + "x1" * 1500 + " end", "token=[SECRET] end"),  # long values are masked whole
+        ("config.password=abc", "config.password=[SECRET]"),
+        ("app-secret: x1", "app-secret: [SECRET]"),
     ],
 )
 def test_secret_assignments_mask_the_value(redactor: Redactor, text: str, expected: str) -> None:
