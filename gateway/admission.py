@@ -117,10 +117,11 @@ async def admit(gw: Gateway, ctx: RequestContext, plan: list[Deployment]) -> Adm
             out = 0 if cap == 0 else output_cap(price, cap)
             amount = max(amount, max_cost_nano(price, count.tokens, out))
 
+    # The reservation gets an id of our own: a client may repeat its x-request-id.
     bscopes = budget_scopes(
         principal.team, principal.key_name, team.budget, team.key_budget, time.time()
     )
-    result = await guarded(gw, ctx, gw.store.reserve(ctx.request_id, bscopes, amount), None)
+    result = await guarded(gw, ctx, gw.store.reserve(gw.new_request_id(), bscopes, amount), None)
     if isinstance(result, BudgetRejection):
         ctx.rejected = "budget"
         gw.telemetry.count("rejection", ctx, kind="budget")

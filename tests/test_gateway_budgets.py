@@ -297,3 +297,17 @@ def test_spend_cli(gateway_config: dict, tmp_path: Path) -> None:
         timeout=60,
     )
     assert table.returncode == 0 and "alpha-app" in table.stdout and "remaining_usd" in table.stdout
+
+
+def test_a_repeated_client_request_id_is_served_and_charged_each_time(
+    gateway: RunningGateway,
+) -> None:
+    headers = {**ALPHA, "x-request-id": "same-id-every-time"}
+    responses = [
+        httpx.post(gateway.url + "/v1/chat/completions", json=demo_body(), headers=headers)
+        for _ in range(3)
+    ]
+    assert [r.status_code for r in responses] == [200, 200, 200]
+    assert all(r.headers["x-request-id"] == "same-id-every-time" for r in responses)
+    charged = sum(Decimal(r.headers["x-tallygate-cost-usd"]) for r in responses)
+    assert team_spent(gateway.url) == charged
