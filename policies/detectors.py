@@ -6,6 +6,7 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
+from types import MappingProxyType
 from typing import Any
 
 DETECTOR_TYPES = ("email", "phone", "credit_card", "ssn", "iban", "ip", "secret")
@@ -47,7 +48,9 @@ def _branch(
 # --- validators --------------------------------------------------------------------------
 
 
-_DOUBLED = {"0": 0, "1": 2, "2": 4, "3": 6, "4": 8, "5": 1, "6": 3, "7": 5, "8": 7, "9": 9}
+_DOUBLED = MappingProxyType(  # Luhn: a doubled digit, its digits summed
+    {"0": 0, "1": 2, "2": 4, "3": 6, "4": 8, "5": 1, "6": 3, "7": 5, "8": 7, "9": 9}
+)
 
 
 def _luhn(digits: str) -> bool:
@@ -98,7 +101,7 @@ def validate_ssn(text: str, start: int, end: int) -> int:
 
 
 # ISO 13616 registry: country code → IBAN length.
-IBAN_LENGTHS = {
+IBAN_LENGTHS = MappingProxyType({
     "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22,
     "BI": 27, "BR": 29, "BY": 28, "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DJ": 27,
     "DK": 18, "DO": 28, "EE": 20, "EG": 29, "ES": 24, "FI": 18, "FK": 18, "FO": 18, "FR": 27,
@@ -109,7 +112,7 @@ IBAN_LENGTHS = {
     "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "RU": 33, "SA": 24, "SC": 31,
     "SD": 18, "SE": 24, "SI": 19, "SK": 24, "SM": 27, "SO": 23, "ST": 25, "SV": 28, "TL": 23,
     "TN": 24, "TR": 26, "UA": 29, "VA": 22, "VG": 24, "XK": 20, "YE": 30,
-}  # fmt: skip
+})  # fmt: skip
 
 
 def iban_checksum_ok(iban: str) -> bool:

@@ -8,11 +8,11 @@ import hmac
 import re
 import secrets
 from itertools import compress
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from policies.detectors import BUILTIN_BRANCHES, DETECTOR_TYPES, Branch, normalize
+from policies.detectors import BUILTIN_BRANCHES, Branch, normalize
 
 DetectorName = Literal["email", "phone", "credit_card", "ssn", "iban", "ip", "secret"]
 
@@ -46,7 +46,7 @@ class RedactionConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    detectors: list[DetectorName] = Field(default_factory=lambda: list(DETECTOR_TYPES))
+    detectors: list[DetectorName] = Field(default_factory=lambda: list(get_args(DetectorName)))
     custom: list[CustomPattern] = Field(default_factory=list)
     replacement: Literal["label", "hash"] = "label"
     hash_key: str = ""  # empty: a random key per Redactor, tags then stable within one process
@@ -62,13 +62,13 @@ class Redactor:
     """Masks what the configured detectors find. Built once per config; thread-safe."""
 
     def __init__(self, config: RedactionConfig) -> None:
-        self._config = config
+        self.config = config
         self._max_chars = config.max_chars
         self._hash_key = config.hash_key.encode() if config.hash_key else secrets.token_bytes(32)
         self._hashed = config.replacement == "hash"
         self._matcher = _matcher(frozenset(config.detectors)) if config.detectors else None
         self._customs = [(re.compile(c.pattern), c.name) for c in config.custom]
-        self._labels = {kind: kind.upper() for kind in config.detectors}
+        self._labels: dict[str, str] = {kind: kind.upper() for kind in config.detectors}
         self._labels.update({name: name.upper() for _, name in self._customs})
 
     def redact(self, text: str, *, truncate: bool = True) -> tuple[str, dict[str, int]]:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import re
+from typing import get_args
 
 import pytest
 from pydantic import ValidationError
 
-from policies.redaction import RedactionConfig, Redactor
+from policies.detectors import BUILTIN_BRANCHES, DETECTOR_TYPES
+from policies.redaction import DetectorName, RedactionConfig, Redactor
 from tests.data.redaction_corpus import card_number, grouped, iban, luhn_complete
 
 
@@ -358,6 +360,12 @@ def test_defaults() -> None:
         False,
         32768,
     )
+
+
+def test_detector_names_match_the_builtin_branches() -> None:
+    assert get_args(DetectorName) == DETECTOR_TYPES
+    assert {b.kind for b in BUILTIN_BRANCHES} == set(DETECTOR_TYPES)
+    assert len({b.name for b in BUILTIN_BRANCHES}) == len(BUILTIN_BRANCHES)
 
 
 def test_config_is_strict_and_frozen() -> None:
