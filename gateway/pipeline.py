@@ -366,67 +366,98 @@ def stream_response(
     headers = upstream_headers(up, ctx, dep)
     headers["cache-control"] = "no-cache"
     headers["x-tallygate-overhead-ms"] = f"{ctx.overhead_s * 1000:.3f}"
-    return StreamingResponse(
-        relay(gw, ctx, up, dep, admission), headers=headers, media_type="text/event-stream"
-    )
+    relay = StreamRelay(gw, ctx, up, dep, admission)
+    return RelayResponse(relay, headers=headers, media_type="text/event-stream")
 
 
-async def relay(
-    gw: Gateway, ctx: RequestContext, up: UpstreamResponse, dep: Deployment, admission: Admission
-) -> AsyncIterator[bytes]:
-    """Relay the stream event by event as it arrives; parse each event once.
+class RelayResponse(StreamingResponse):
+    """A StreamingResponse that settles its stream however the response ends: even when the
+    client leaves before the first chunk, when the relay generator never runs its finally."""
 
-    Settles in `finally` (as a tracked task, since a disconnect cancels us): the client
-    going away closes the upstream request and charges what was streamed so far."""
-    assert up.chunks is not None
-    decoder = SSEDecoder()
-    observer = StreamObserver(ctx)
-    hide_usage = ctx.hide_usage
-    chunks = up.chunks.__aiter__()
-    done = False
-    last_sent = 0.0
-    try:
-        while True:
-            t0 = perf_counter()
-            try:
-                raw = await chunks.__anext__()
-            except StopAsyncIteration:
-                break
-            except TRANSPORT_ERRORS as exc:
-                ctx.upstream_wait_s += perf_counter() - t0
-                if ctx.attempt is not None:
-                    ctx.attempt.error_type = error_type(exc)
-                err = map_transport_error(exc, dep.label)
-                ctx.error_type = "stream_interrupted"
-                ctx.error_message = err.message
-                # Headers are gone: signal the failure in-band, the way OpenAI does.
-                yield b"data: " + orjson.dumps(err.body()) + b"\n\n"
-                break
-            now = perf_counter()
-            ctx.upstream_wait_s += now - t0
-            out = []
-            for event, data in decoder.feed(raw):
-                if data is not None and data != b"[DONE]":
-                    try:
-                        obj = orjson.loads(data)
-                    except orjson.JSONDecodeError:
-                        obj = None
-                    if isinstance(obj, dict):
-                        observer.chunk(obj)
-                        if hide_usage and obj.get("usage") and not obj.get("choices"):
-                            continue
-                out.append(event)
-            if out:
-                if ctx.first_chunk_at is None:
-                    ctx.first_chunk_at = now
-                else:
-                    gw.telemetry.record_chunk_gap(ctx, now - last_sent)
-                last_sent = now
-                yield b"".join(out) if len(out) > 1 else out[0]
-        done = True
-    finally:
-        ctx.cancelled = not done and ctx.error_type is None
-        gw.tasks.spawn(finish_stream(gw, ctx, up, dep, admission))
+    def __init__(self, relay: StreamRelay, **kwargs: Any) -> None:
+        super().__init__(relay.events(), **kwargs)
+        self.relay = relay
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.relay.close()
+
+
+class StreamRelay:
+    """Relays one upstream stream event by event as it arrives, parsing each event once."""
+
+    def __init__(
+        self,
+        gw: Gateway,
+        ctx: RequestContext,
+        up: UpstreamResponse,
+        dep: Deployment,
+        admission: Admission,
+    ) -> None:
+        self.gw, self.ctx, self.up, self.dep, self.admission = gw, ctx, up, dep, admission
+        self.done = False
+        self.closed = False
+
+    def close(self) -> None:
+        """Settle and record once, as a tracked task (a disconnect cancels the caller): the
+        client going away closes the upstream request and is charged what was streamed."""
+        if self.closed:
+            return
+        self.closed = True
+        self.ctx.cancelled = not self.done and self.ctx.error_type is None
+        self.gw.tasks.spawn(finish_stream(self.gw, self.ctx, self.up, self.dep, self.admission))
+
+    async def events(self) -> AsyncIterator[bytes]:
+        gw, ctx, dep = self.gw, self.ctx, self.dep
+        assert self.up.chunks is not None
+        decoder = SSEDecoder()
+        observer = StreamObserver(ctx)
+        hide_usage = ctx.hide_usage
+        chunks = self.up.chunks.__aiter__()
+        last_sent = 0.0
+        try:
+            while True:
+                t0 = perf_counter()
+                try:
+                    raw = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except TRANSPORT_ERRORS as exc:
+                    ctx.upstream_wait_s += perf_counter() - t0
+                    if ctx.attempt is not None:
+                        ctx.attempt.error_type = error_type(exc)
+                    err = map_transport_error(exc, dep.label)
+                    ctx.error_type = "stream_interrupted"
+                    ctx.error_message = err.message
+                    # Headers are gone: signal the failure in-band, the way OpenAI does.
+                    yield b"data: " + orjson.dumps(err.body()) + b"\n\n"
+                    break
+                now = perf_counter()
+                ctx.upstream_wait_s += now - t0
+                out = []
+                for event, data in decoder.feed(raw):
+                    if data is not None and data != b"[DONE]":
+                        try:
+                            obj = orjson.loads(data)
+                        except orjson.JSONDecodeError:
+                            obj = None
+                        if isinstance(obj, dict):
+                            observer.chunk(obj)
+                            if hide_usage and obj.get("usage") and not obj.get("choices"):
+                                continue
+                    out.append(event)
+                if out:
+                    if ctx.first_chunk_at is None:
+                        ctx.first_chunk_at = now
+                    else:
+                        gw.telemetry.record_chunk_gap(ctx, now - last_sent)
+                    last_sent = now
+                    yield b"".join(out) if len(out) > 1 else out[0]
+            self.done = True
+        finally:
+            self.close()
 
 
 async def finish_stream(
