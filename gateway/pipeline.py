@@ -174,7 +174,7 @@ def upstream_body(ctx: RequestContext, gw: Gateway, dep: Deployment) -> tuple[di
     if gw.config.redaction.upstream:
         for name in ("messages", "prompt", "input"):
             if name in body:
-                body[name], counts = gw.redactor.redact_value(body[name])
+                body[name], counts = gw.redactor.redact_value(body[name], truncate=False)
                 add_counts(ctx, counts)
     return body, hide_usage
 

@@ -197,3 +197,38 @@ def test_no_pii_reaches_any_output(tmp_path: Path, fake_upstream: FakeUpstream) 
     assert leaks(server.stdout) == [] and leaks(server.stderr) == []
     assert leaks(metrics_text) == []
     assert len([line for line in server.stdout.splitlines() if line.startswith("{")]) == 7
+
+
+def test_upstream_redaction_masks_the_prompt_sent_to_the_provider(
+    gateway_config: dict, fake_upstream: FakeUpstream
+) -> None:
+    from tests.gateway_harness import merge, running_gateway
+
+    cfg = merge(gateway_config, {"redaction": {"upstream": True}})
+    long_tail = " filler" * 6000  # past redaction.max_chars: the upstream copy must not be cut
+    with running_gateway(cfg) as gw:
+        r = httpx.post(
+            gw.base_url + "/chat/completions",
+            headers={"authorization": f"Bearer {KEYS['alpha']}"},
+            json={
+                "model": "gpt-4o-mini",
+                "messages": [{"role": "user", "content": PROMPT + long_tail}],
+            },
+        )
+    assert r.status_code == 200
+    sent = fake_upstream.requests[-1].json["messages"][0]["content"]
+    assert leaks(sent) == []
+    assert "[EMAIL]" in sent and "[CREDIT_CARD]" in sent
+    assert sent.endswith(long_tail) and "truncated" not in sent
+
+
+def test_by_default_the_provider_gets_the_prompt_unchanged(
+    gateway: object, fake_upstream: FakeUpstream
+) -> None:
+    r = httpx.post(
+        gateway.base_url + "/chat/completions",
+        headers={"authorization": f"Bearer {KEYS['alpha']}"},
+        json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": PROMPT}]},
+    )
+    assert r.status_code == 200
+    assert fake_upstream.requests[-1].json["messages"][0]["content"] == PROMPT
