@@ -154,7 +154,9 @@ def resolve(gw: Gateway, ctx: RequestContext) -> list[Deployment]:
     return gw.router.plan(route)
 
 
-def upstream_body(ctx: RequestContext, gw: Gateway, dep: Deployment) -> tuple[dict[str, Any], bool]:
+def upstream_body(
+    ctx: RequestContext, gw: Gateway, dep: Deployment, *, inject_usage: bool = True
+) -> tuple[dict[str, Any], bool]:
     """The client's body with only `model` rewritten, plus stream usage when not asked for.
 
     Returns (body, hide_usage): hide_usage means the usage chunk we asked for is not the
@@ -163,7 +165,7 @@ def upstream_body(ctx: RequestContext, gw: Gateway, dep: Deployment) -> tuple[di
     body = dict(ctx.body)
     body["model"] = dep.model
     hide_usage = False
-    if ctx.stream and ctx.operation != "embeddings":
+    if inject_usage and ctx.stream and ctx.operation != "embeddings":
         options = body.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage")):
             body["stream_options"] = {
@@ -197,55 +199,30 @@ async def forward(
     for position, dep in enumerate(plan):
         if position:
             gw.telemetry.count("fallback", ctx)
-        provider = gw.providers[dep.provider]
-        body, hide_usage = upstream_body(ctx, gw, dep)
-        ctx.hide_usage = hide_usage
+        body, ctx.hide_usage = upstream_body(ctx, gw, dep)
         for retry in range(retries + 1):
-            attempt = Attempt(
-                number=len(ctx.attempts) + 1,
-                deployment=dep.label,
-                provider=dep.provider,
-                provider_kind=provider.kind,
-                upstream_model=dep.model,
-                server_address=provider.server_address,
-                server_port=provider.server_port,
-            )
-            ctx.attempts.append(attempt)
-            gw.telemetry.start_attempt(ctx, attempt)
-            t0 = perf_counter()
-            try:
-                with gw.telemetry.use_attempt(attempt):
-                    up = await provider.send(
-                        ctx.operation,
-                        dep.model,
-                        body,
-                        stream=ctx.stream,
-                        timeout_s=dep.timeout_s,
-                        request_id=ctx.request_id,
-                    )
-            except TRANSPORT_ERRORS as exc:
-                ctx.upstream_wait_s += perf_counter() - t0
-                attempt.error_type = error_type(exc)
-                attempt.ended = perf_counter()
-                gw.telemetry.end_attempt(ctx, attempt)
-                gw.router.record_failure(dep)
-                last_error = map_transport_error(exc, dep.label)
-                last_response = None
-                retry_after = None
-            else:
-                ctx.upstream_wait_s += perf_counter() - t0
-                attempt.status = up.status
+            up, exc = await attempt(gw, ctx, dep, body)
+            if up is not None and up.status == 400 and rejects_stream_options(ctx, up):
+                # A server that does not know stream_options: ask again as the client did
+                # (its usage, if any, is then read or counted by us).
+                body, ctx.hide_usage = upstream_body(ctx, gw, dep, inject_usage=False)
+                up, exc = await attempt(gw, ctx, dep, body)
+            if up is not None:
                 if up.status not in RETRYABLE_STATUS:
                     if up.status < 400:
                         gw.router.record_success(dep)
                     return up, dep
-                attempt.error_type = str(up.status)
-                attempt.ended = perf_counter()
-                gw.telemetry.end_attempt(ctx, attempt)
-                gw.router.record_failure(dep)
                 last_response = (up, dep)
                 last_error = upstream_status_error(up.status, dep.label, len(ctx.attempts))
                 retry_after = parse_retry_after(up.headers.get("retry-after"))
+            else:
+                assert exc is not None
+                last_error, last_response, retry_after = (
+                    map_transport_error(exc, dep.label),
+                    None,
+                    None,
+                )
+            gw.router.record_failure(dep)
             if retry == retries:
                 break
             wait = gw.router.backoff_s(retry + 1, retry_after)
@@ -257,6 +234,53 @@ async def forward(
         return last_response  # every deployment is rate limited: the client sees the provider's 429
     assert last_error is not None
     raise last_error
+
+
+async def attempt(
+    gw: Gateway, ctx: RequestContext, dep: Deployment, body: dict[str, Any]
+) -> tuple[UpstreamResponse | None, BaseException | None]:
+    """One upstream attempt, its span and its timing: (response, None) or (None, error)."""
+    provider = gw.providers[dep.provider]
+    current = Attempt(
+        number=len(ctx.attempts) + 1,
+        deployment=dep.label,
+        provider=dep.provider,
+        provider_kind=provider.kind,
+        upstream_model=dep.model,
+        server_address=provider.server_address,
+        server_port=provider.server_port,
+    )
+    ctx.attempts.append(current)
+    gw.telemetry.start_attempt(ctx, current)
+    t0 = perf_counter()
+    try:
+        with gw.telemetry.use_attempt(current):
+            up = await provider.send(
+                ctx.operation,
+                dep.model,
+                body,
+                stream=ctx.stream,
+                timeout_s=dep.timeout_s,
+                request_id=ctx.request_id,
+            )
+    except TRANSPORT_ERRORS as exc:
+        ctx.upstream_wait_s += perf_counter() - t0
+        current.error_type = error_type(exc)
+        current.ended = perf_counter()
+        gw.telemetry.end_attempt(ctx, current)
+        return None, exc
+    ctx.upstream_wait_s += perf_counter() - t0
+    current.status = up.status
+    if up.status in RETRYABLE_STATUS or (up.status == 400 and rejects_stream_options(ctx, up)):
+        current.error_type = str(up.status)
+        current.ended = perf_counter()
+        gw.telemetry.end_attempt(ctx, current)
+    return up, None
+
+
+def rejects_stream_options(ctx: RequestContext, up: UpstreamResponse) -> bool:
+    """An upstream 400 about the stream_options we added (not the client's own)."""
+    return ctx.hide_usage and up.body is not None and b"stream_options" in up.body
 
 
 # --- responses ------------------------------------------------------------------------

@@ -239,3 +239,26 @@ def test_closed_connection_then_success(
     fake_upstream.enqueue(Close())
     r = chat(gateway)
     assert r.status_code == 200 and r.headers["x-tallygate-attempts"] == "2"
+
+
+def test_a_server_that_rejects_stream_options_is_asked_again_without(
+    gateway: RunningGateway, fake_upstream: FakeUpstream
+) -> None:
+    refusal = {
+        "error": {
+            "message": "Unrecognized request argument supplied: stream_options",
+            "type": "invalid_request_error",
+            "param": None,
+            "code": None,
+        }
+    }
+    fake_upstream.enqueue(Reply(400, json=refusal))
+    with openai.OpenAI(base_url=gateway.base_url, api_key=KEYS["alpha"], max_retries=0) as c:
+        chunks = list(c.chat.completions.create(model="gpt-4o-mini", messages=HELLO, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "hello"
+    first, second = fake_upstream.requests
+    assert first.json["stream_options"] == {"include_usage": True}
+    assert "stream_options" not in second.json
+    wait_until(lambda: bool(gateway.log.getvalue()), within=5)
+    line = gateway.access_lines()[-1]
+    assert line["attempts"] == 2 and line["tokens_estimated"] is True and line["output_tokens"] == 1
