@@ -12,6 +12,8 @@ getrusage) and wall clock. Clients:
                                site-packages is replaced on sys.path by a symlink copy
                                without sniffio, so every ``import sniffio`` really fails
 - ``httpx-aiohttp``            httpx over ``httpx_aiohttp.AiohttpTransport``
+- ``httpx-aiohttp-tuned``      the same, URL parsed once and no cookie jar
+                               (bench.passthrough.tune)
 - ``aiohttp``                  a plain ``aiohttp.ClientSession``, the floor
 
 A probe also counts how many times httpcore runs ``import sniffio`` per request and
@@ -55,8 +57,14 @@ from bench.run import (
     wait_port,
 )
 
-CLIENTS = ("httpx-default", "httpx-default-nosniffio", "httpx-aiohttp", "aiohttp")
-PASSTHROUGH_TRANSPORTS = ("default", "aiohttp", "raw-aiohttp")
+CLIENTS = (
+    "httpx-default",
+    "httpx-default-nosniffio",
+    "httpx-aiohttp",
+    "httpx-aiohttp-tuned",
+    "aiohttp",
+)
+PASSTHROUGH_TRANSPORTS = ("default", "aiohttp", "aiohttp-tuned", "raw-aiohttp")
 CLIENT_CONCURRENCY = (1, 16)
 BODY = (
     b'{"model":"bench-model","messages":[{"role":"system","content":"You are a helpful '
@@ -115,15 +123,24 @@ def make_client(name: str) -> tuple[Any, Any]:
     import httpx
 
     limits = httpx.Limits(max_connections=1024, max_keepalive_connections=1024)
-    if name == "httpx-aiohttp":
+    if name.startswith("httpx-aiohttp"):
         from httpx_aiohttp import AiohttpTransport
 
         client = httpx.AsyncClient(transport=AiohttpTransport(limits=limits), limits=limits)
     else:
         client = httpx.AsyncClient(limits=limits)
+    tuned = name.endswith("-tuned")
+    if tuned:
+        from bench.passthrough import tune
+
+        tune(client)
+    parsed: dict[str, httpx.URL] = {}
 
     async def send_httpx(url: str) -> int:
-        resp = await client.post(url, content=BODY, headers=HEADERS)
+        target: str | httpx.URL = url
+        if tuned:  # the URL parsed once
+            target = parsed.get(url) or parsed.setdefault(url, httpx.URL(url))
+        resp = await client.post(target, content=BODY, headers=HEADERS)
         return resp.status_code
 
     return send_httpx, client.aclose
@@ -252,6 +269,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--duration", type=float, default=5.0, help="seconds per pass-through wrk run"
     )
+    parser.add_argument(
+        "--clients",
+        default=",".join(CLIENTS),
+        help="comma-separated subset of " + ",".join(CLIENTS),
+    )
+    parser.add_argument(
+        "--transports",
+        default=",".join(PASSTHROUGH_TRANSPORTS),
+        help="pass-through transports, comma-separated subset of "
+        + ",".join(PASSTHROUGH_TRANSPORTS),
+    )
     parser.add_argument("--worker", choices=CLIENTS, help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
@@ -264,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    clients = tuple(c for c in args.clients.split(",") if c)
+    transports = tuple(t for t in args.transports.split(",") if t)
+    unknown = set(clients) - set(CLIENTS) | set(transports) - set(PASSTHROUGH_TRANSPORTS)
+    if unknown:
+        parser.error(f"unknown client or transport: {', '.join(sorted(unknown))}")
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     logdir = Path(tempfile.mkdtemp(prefix="tallygate-transport-"))
     mock_port = free_port()
@@ -284,6 +317,22 @@ def main(argv: list[str] | None = None) -> int:
             raise RuntimeError(f"mock did not start: {mock.stderr_tail()}")
         url = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
 
+        # the mock's own ceiling: wrk on the other core, the mock's CPU per request
+        ceiling: dict[str, Any] = {}
+        run_wrk(url, 16, 1, cpu=SERVER_CPU)  # warm-up
+        for c in (16, 64):
+            cpu0 = cpu_seconds(mock.pid)
+            res = run_wrk(url, c, args.duration, cpu=SERVER_CPU)
+            cpu = cpu_seconds(mock.pid) - cpu0
+            ceiling[str(c)] = {
+                "rps": res["rps"],
+                "p99_ms": res["p99_us"] / 1000,
+                "mock_cpu_util": cpu / (res["duration_us"] / 1e6),
+                "mock_cpu_us_per_req": 1e6 * cpu / max(1, res["requests"]),
+            }
+            log(f"  mock ceiling c={c}: {ceiling[str(c)]}")
+        report["mock_ceiling"] = ceiling
+
         # probes: sniffio imports per request, with and without the package
         report["sniffio_probe"] = {
             c: client_run(c, url, 200, 1, probe=True)["probe"]
@@ -291,22 +340,22 @@ def main(argv: list[str] | None = None) -> int:
         }
         log(f"sniffio probe: {report['sniffio_probe']}")
 
-        clients: list[dict[str, Any]] = []
+        client_runs: list[dict[str, Any]] = []
         for r in range(args.rounds):
-            for client in rotate(CLIENTS, r):
+            for client in rotate(clients, r):
                 for c in CLIENT_CONCURRENCY:
                     res = client_run(client, url, args.requests, c)
                     res["round"] = r
-                    clients.append(res)
+                    client_runs.append(res)
                     log(
                         f"  r{r} {client:<24} c={c:<2} cpu {res['cpu_us']:7.1f} µs/req "
                         f"(rusage {res['rusage_cpu_us']:7.1f}) wall {res['wall_us']:7.1f} µs "
                         f"{res['rps']:7.0f} req/s errors {res['errors']}"
                     )
-        report["clients"] = clients
+        report["clients"] = client_runs
 
         pts: dict[str, Server] = {}
-        for t in PASSTHROUGH_TRANSPORTS:
+        for t in transports:
             port = free_port()
             pts[t] = spawn(
                 f"pt-{t}",
@@ -323,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             run_wrk(f"http://127.0.0.1:{srv.port}/v1/chat/completions", 16, 1)  # warm-up
         passthrough: list[dict[str, Any]] = []
         for r in range(args.rounds):
-            for t in rotate(PASSTHROUGH_TRANSPORTS, r):
+            for t in rotate(transports, r):
                 srv = pts[t]
                 cpu0 = cpu_seconds(srv.pid)
                 res = run_wrk(f"http://127.0.0.1:{srv.port}/v1/chat/completions", 16, args.duration)
@@ -369,7 +418,7 @@ def versions() -> dict[str, str]:
 
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
     clients: dict[str, dict[str, Any]] = {}
-    for client in CLIENTS:
+    for client in dict.fromkeys(r["client"] for r in report["clients"]):
         for c in CLIENT_CONCURRENCY:
             rs = [r for r in report["clients"] if r["client"] == client and r["concurrency"] == c]
             clients.setdefault(client, {})[c] = {
@@ -380,7 +429,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
                 "spread_us": (min(r["cpu_us"] for r in rs), max(r["cpu_us"] for r in rs)),
             }
     pts: dict[str, dict[str, Any]] = {}
-    for t in PASSTHROUGH_TRANSPORTS:
+    for t in dict.fromkeys(r["transport"] for r in report["passthrough"]):
         rs = [r for r in report["passthrough"] if r["transport"] == t]
         pts[t] = {
             "rps": med([r["rps"] for r in rs]),
@@ -416,6 +465,21 @@ def render(report: dict[str, Any]) -> str:
             f"{many['rps']:,.0f} | {lo:.0f}-{hi:.0f} |"
             + (" errors!" if one["errors"] or many["errors"] else "")
         )
+    ceiling = report.get("mock_ceiling", {})
+    if ceiling:
+        lines += [
+            "",
+            "The mock upstream's own ceiling (wrk on the other core):",
+            "",
+            "| c | RPS | p99 ms | mock CPU | mock CPU µs/req | RPS at 100 % of its core |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
+        for c, r in ceiling.items():
+            per_core = 1e6 / r["mock_cpu_us_per_req"] if r["mock_cpu_us_per_req"] else 0
+            lines.append(
+                f"| {c} | {r['rps']:,.0f} | {r['p99_ms']:.2f} | {100 * r['mock_cpu_util']:.0f} % | "
+                f"{r['mock_cpu_us_per_req']:.1f} | {per_core:,.0f} |"
+            )
     probe = report.get("sniffio_probe", {})
     if probe:
         with_p, without = probe.get("httpx-default", {}), probe.get("httpx-default-nosniffio", {})
