@@ -3,12 +3,20 @@
     python -m bench.bench_store [--requests 2000] [--rounds 5] [--concurrency 1,16,64]
                                 [--backends local,local-shared,redis] [--loop uvloop|asyncio]
 
-``local`` is LocalStore for one worker (rate windows in memory), ``local-shared`` is
-LocalStore for several workers (rate windows in the SQLite file too), ``redis`` is
-RedisStore against a redis-server this script starts on a free loopback port. Each
-cell is wall time / requests (µs), the median of the rounds: with concurrency 1 it is
-the latency of one call, with more it is the inverse of throughput. One process, so it
-measures the event-loop side plus the store; the gateway's own work is not included.
+``local`` is LocalStore for one worker (``processes=1``: the ledger and the rate windows
+in memory, spend written to the SQLite file by a flusher every ~20 ms), ``local-shared``
+is LocalStore for several workers (``processes=2``: every budget operation and rate
+window is a transaction on the file), ``redis`` is RedisStore against a redis-server this
+script starts on a free loopback port.
+
+Operations: ``reserve+settle`` (one request's budget), ``reserve+settle+balances`` (plus the
+balances read the gateway makes after settling, i.e. a request's whole budget cost) and
+``rate_acquire``. Each cell is the median over the rounds of time / requests (µs): *wall*
+with concurrency 1 is the latency of one call, with more the inverse of throughput; *cpu*
+is this process's CPU time (every thread, so the local store's worker thread and its
+flushes count) per request, what a gateway on one core pays. Redis's own CPU (another
+process) is not in it. One process: the event-loop side plus the store, without the
+gateway's own work.
 """
 
 from __future__ import annotations
@@ -39,17 +47,23 @@ RATE = (
 )
 
 
-async def run_round(op: Callable[[int], Awaitable[None]], requests: int, concurrency: int) -> float:
-    """Run ``requests`` ops with at most ``concurrency`` in flight; µs of wall time per op."""
+OPERATIONS = ("reserve+settle", "reserve+settle+balances", "rate_acquire")
+
+
+async def run_round(
+    op: Callable[[int], Awaitable[None]], requests: int, concurrency: int
+) -> tuple[float, float]:
+    """Run ``requests`` ops with at most ``concurrency`` in flight; µs of wall and CPU time per op."""
     counter = iter(range(requests))
 
     async def worker() -> None:
         for i in counter:
             await op(i)
 
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return (time.perf_counter() - started) / requests * 1e6
+    wall = (time.perf_counter() - started) / requests * 1e6
+    return wall, (time.process_time() - cpu) / requests * 1e6
 
 
 def operations(store: Store, tag: str) -> dict[str, Callable[[int], Awaitable[None]]]:
@@ -58,11 +72,19 @@ def operations(store: Store, tag: str) -> dict[str, Callable[[int], Awaitable[No
         assert isinstance(res, Reservation)
         await store.settle(res, 700)
 
+    async def with_balances(i: int) -> None:
+        await reserve_settle(i)
+        await store.balances(BUDGET)
+
     async def rate_acquire(i: int) -> None:
         decision = await store.rate_acquire(RATE, 100)
         assert decision.allowed
 
-    return {"reserve+settle": reserve_settle, "rate_acquire": rate_acquire}
+    return {
+        "reserve+settle": reserve_settle,
+        "reserve+settle+balances": with_balances,
+        "rate_acquire": rate_acquire,
+    }
 
 
 @contextlib.contextmanager
@@ -78,23 +100,28 @@ def backend_config(backend: str) -> Iterator[tuple[StoreConfig, int]]:
 
 async def bench_backend(
     backend: str, requests: int, rounds: int, concurrencies: list[int]
-) -> dict[tuple[str, int], float]:
-    results: dict[tuple[str, int], float] = {}
+) -> dict[tuple[str, int], tuple[float, float]]:
+    results: dict[tuple[str, int], tuple[float, float]] = {}
     with backend_config(backend) as (config, processes):
         store: Store = (
             RedisStore(config) if backend == "redis" else LocalStore(config, processes=processes)
         )
         await store.start()
         try:
-            for name in ("reserve+settle", "rate_acquire"):
+            for name in OPERATIONS:
                 for concurrency in concurrencies:
-                    samples = []
+                    walls, cpus = [], []
                     for r in range(rounds + 1):  # round 0 warms up (connections, scripts, cache)
                         tag = f"{name}-{concurrency}-{r}"
-                        us = await run_round(operations(store, tag)[name], requests, concurrency)
+                        op = operations(store, tag)[name]
+                        wall, cpu = await run_round(op, requests, concurrency)
                         if r:
-                            samples.append(us)
-                    results[(name, concurrency)] = statistics.median(samples)
+                            walls.append(wall)
+                            cpus.append(cpu)
+                    results[(name, concurrency)] = (
+                        statistics.median(walls),
+                        statistics.median(cpus),
+                    )
         finally:
             await store.close()
     return results
@@ -122,15 +149,20 @@ def main() -> None:
     print(
         f"store cost per request, µs (median of {args.rounds} rounds of {args.requests}; loop: {args.loop})"
     )
-    header = f"{'backend':<14}{'operation':<16}" + "".join(f"{f'c={c}':>10}" for c in concurrencies)
+    header = f"{'backend':<14}{'operation':<25}" + "".join(
+        f"{f'wall c={c}':>12}{f'cpu c={c}':>12}" for c in concurrencies
+    )
     print(header)
     print("-" * len(header))
     for backend in backends:
         results = runner(bench_backend(backend, args.requests, args.rounds, concurrencies))
         assert isinstance(results, dict)
-        for name in ("reserve+settle", "rate_acquire"):
-            cells = "".join(f"{results[(name, c)]:>10.1f}" for c in concurrencies)
-            print(f"{backend:<14}{name:<16}{cells}")
+        for name in OPERATIONS:
+            cells = "".join(
+                f"{results[(name, c)][0]:>12.1f}{results[(name, c)][1]:>12.1f}"
+                for c in concurrencies
+            )
+            print(f"{backend:<14}{name:<25}{cells}")
 
 
 if __name__ == "__main__":

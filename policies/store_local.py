@@ -1,11 +1,20 @@
 """LocalStore: the budget ledger in an embedded SQLite file, rate windows in-process or in SQLite.
 
 Every SQLite call runs in one dedicated worker thread that owns the connection, never on
-the event loop. Each budget operation is one ``BEGIN IMMEDIATE`` transaction: it takes
-SQLite's write lock before reading, so check-then-reserve is atomic against every other
-connection to the file, in this process or another (``server.workers > 1``). Rate
-windows (GCRA, see ``policies.ratelimit``) live in a dict when this is the only process,
-and in the same file when several workers must share them.
+the event loop. Two modes, chosen by ``processes``:
+
+- One process owns the file (``processes == 1``): the ledger is served from memory
+  (``policies.ledger_memory``). start() loads the current periods' spend and the file's
+  reservations; reserve, settle and balances then check and change memory only, atomic on
+  the event loop (no await between check and change); a flusher task writes the queued
+  spend deltas to the file in one transaction every ~20 ms, and close() writes the rest.
+  Rate windows live in a dict.
+- Several processes share the file (``server.workers > 1``): each budget operation is one
+  ``BEGIN IMMEDIATE`` transaction, which takes SQLite's write lock before reading, so
+  check-then-reserve is atomic against every other connection to the file. Rate windows
+  (GCRA, see ``policies.ratelimit``) live in the same file.
+
+Both modes keep one schema, so either can open a file the other wrote.
 """
 
 from __future__ import annotations
@@ -14,11 +23,13 @@ import asyncio
 import os
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from policies.budget import current_period
 from policies.config import StoreConfig
+from policies.ledger_memory import SETTLED_MEMORY, FileReservation, Key, MemoryLedger, Writer
 from policies.ratelimit import Bucket, RateWindows, empty_at, gcra_add_tokens, gcra_decide
 from policies.store import (
     BudgetRejection,
@@ -31,6 +42,9 @@ from policies.store import (
 )
 
 T = TypeVar("T")
+
+FLUSH_INTERVAL_S = 0.02  # one process: queued spend is written to the file this often
+_CLOSE_ATTEMPTS = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS ledger (
@@ -73,6 +87,10 @@ INSERT INTO ledger (scope_id, period_key, spent_nano, reserved_nano) VALUES (?1,
 ON CONFLICT (scope_id, period_key) DO UPDATE
 SET spent_nano = spent_nano + ?3, reserved_nano = reserved_nano - ?4
 """
+_ADD_SPENT = """
+INSERT INTO ledger (scope_id, period_key, spent_nano) VALUES (?, ?, ?)
+ON CONFLICT (scope_id, period_key) DO UPDATE SET spent_nano = spent_nano + excluded.spent_nano
+"""
 _SET_BUCKET = "INSERT OR REPLACE INTO rate_buckets VALUES (?, ?, ?, ?, ?)"
 _BALANCE = """
 SELECT
@@ -87,7 +105,8 @@ _RATE_SWEEP_EVERY = 4096  # forget drained rate buckets every this many acquires
 
 class LocalStore:
     """The embedded store. ``processes`` is how many worker processes share ``config.path``:
-    with 1 the rate windows stay in memory, with more they live in the file."""
+    with 1 the ledger and the rate windows are served from memory, with more every
+    operation is a transaction on the file."""
 
     def __init__(
         self,
@@ -101,11 +120,14 @@ class LocalStore:
         self._config = config
         self._clock = clock
         self._ttl = config.reservation_ttl_s
+        self._owner = processes == 1  # the ledger in memory, written back by a flusher
         self._windows = RateWindows(clock) if processes == 1 else None
         self._executor: ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None  # touched only in the worker thread
         self._rate_calls = 0  # these two counters are touched only in the worker thread
         self._settles = 0
+        self._mem: MemoryLedger | None = None  # set while started, when self._owner
+        self._flusher: asyncio.Task[None] | None = None
 
     # lifecycle
 
@@ -115,17 +137,39 @@ class LocalStore:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tallygate-sqlite")
         try:
             await self._run(self._open)
+            if self._owner:
+                now = self._clock()
+                mem = MemoryLedger(self._ttl)
+                mem.load(*await self._run(self._load, _warm_periods(now), now, SETTLED_MEMORY))
+                self._mem = mem
+                self._flusher = asyncio.create_task(
+                    mem.flush_every(FLUSH_INTERVAL_S, self._writer(self._executor)),
+                    name="tallygate-store-flush",
+                )
         except BaseException:
             await self.close()
             raise
 
     async def close(self) -> None:
-        executor, self._executor = self._executor, None
+        executor, self._executor = self._executor, None  # from here on, calls raise StoreError
         if executor is None:
             return
         try:
+            flusher, self._flusher = self._flusher, None
+            mem = self._mem
+            if mem is not None and flusher is not None:
+                mem.stop_flushing()
+                await asyncio.wait([flusher])  # it finishes the write it is doing, if any
+            if mem is not None:
+                write = self._writer(executor)
+                outstanding = mem.outstanding(self._clock())  # handed to the file, to expire there
+                for attempt in range(1, _CLOSE_ATTEMPTS + 1):
+                    if await mem.flush(write, outstanding, final=attempt == _CLOSE_ATTEMPTS):
+                        break
+                    await asyncio.sleep(FLUSH_INTERVAL_S)
             await asyncio.get_running_loop().run_in_executor(executor, self._close_conn)
         finally:
+            self._mem = None
             executor.shutdown(wait=False)  # its only job has finished; the thread exits
 
     async def ping(self) -> bool:
@@ -142,20 +186,42 @@ class LocalStore:
         _check_scopes(scopes)
         if amount_nano < 0:
             raise ValueError("amount_nano must be >= 0")
-        return await self._run(self._reserve, request_id, scopes, amount_nano, self._clock())
+        if not self._owner:
+            return await self._run(self._reserve, request_id, scopes, amount_nano, self._clock())
+        keys = _keys(scopes)
+        mem = await self._ensure(keys)
+        # no await from here on: the check and the change are one step of the event loop
+        return mem.reserve(request_id, scopes, keys, amount_nano, self._clock())
 
     async def settle(self, reservation: Reservation, actual_nano: int) -> None:
         if actual_nano < 0:
             raise ValueError("actual_nano must be >= 0")
-        await self._run(self._settle, reservation, actual_nano, self._clock())
+        if not self._owner:
+            await self._run(self._settle, reservation, actual_nano, self._clock())
+            return
+        keys = _keys(reservation.scopes)
+        mem = await self._ensure(keys)
+        mem.settle(reservation.request_id, keys, actual_nano)  # the flusher writes the spend
 
     async def spend(self, scope_ids: tuple[str, ...] | None = None) -> list[SpendRow]:
-        return await self._run(self._spend, scope_ids, self._clock())
+        if not self._owner:
+            return await self._run(self._spend, scope_ids, self._clock())
+        mem = await self._ensure(())
+        if scope_ids is not None and not scope_ids:
+            return []
+        # periods not in memory come from the file; rows in memory are newer than the file's
+        file_rows = await self._run(self._read_ledger, scope_ids)
+        mem = await self._ensure(())  # still started
+        return mem.spend(file_rows, scope_ids, self._clock())
 
     async def balances(self, scopes: tuple[BudgetScope, ...]) -> list[SpendRow]:
         if not scopes:
             return []
-        return await self._run(self._balances, scopes, self._clock())
+        if not self._owner:
+            return await self._run(self._balances, scopes, self._clock())
+        keys = _keys(scopes)
+        mem = await self._ensure(keys)
+        return mem.balances(scopes, keys, self._clock())
 
     # rate windows
 
@@ -177,10 +243,37 @@ class LocalStore:
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         if self._executor is None:
             raise StoreError("local store is not started")
+        return await self._run_on(self._executor, fn, *args)
+
+    async def _run_on(self, executor: ThreadPoolExecutor, fn: Callable[..., T], *args: Any) -> T:
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+            return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"sqlite store {self._config.path}: {exc}") from exc
+
+    # one process: the ledger in memory
+
+    async def _ensure(self, keys: tuple[Key, ...]) -> MemoryLedger:
+        """The ledger (StoreError unless started), with the rows of ``keys`` read from the
+        file if not in memory yet: a period start() did not load costs one thread hop."""
+        mem = self._mem
+        if mem is None or self._executor is None:  # close() clears the executor first
+            raise StoreError("local store is not started")
+        missing = mem.missing(keys)
+        if missing:
+            found = await self._run(self._read_spent, missing)
+            if self._mem is not mem or self._executor is None:
+                raise StoreError("local store is closed")
+            mem.add_rows(missing, found)
+        return mem
+
+    def _writer(self, executor: ThreadPoolExecutor) -> Writer:
+        async def write(
+            deltas: dict[Key, int], releases: set[str], outstanding: Sequence[FileReservation]
+        ) -> None:
+            await self._run_on(executor, self._write_back, deltas, releases, outstanding)
+
+        return write
 
     # below: runs in the worker thread only
 
@@ -292,17 +385,19 @@ class LocalStore:
             ).fetchall()
             for scope_id, period_key in expired:
                 _release_expired(conn, scope_id, period_key, now)
-            sql = "SELECT scope_id, period_key, spent_nano, reserved_nano FROM ledger"
-            params: tuple[str, ...] = ()
-            if scope_ids is not None:
-                if not scope_ids:
-                    return []
-                sql += f" WHERE scope_id IN ({','.join('?' * len(scope_ids))})"
-                params = scope_ids
-            rows = conn.execute(sql + " ORDER BY scope_id, period_key", params).fetchall()
-            return [SpendRow(*row) for row in rows]
+            if scope_ids is not None and not scope_ids:
+                return []
+            return [SpendRow(*row) for row in self._read_ledger(scope_ids)]
 
         return self._transaction(tx)
+
+    def _read_ledger(self, scope_ids: tuple[str, ...] | None) -> list[tuple[str, str, int, int]]:
+        sql = "SELECT scope_id, period_key, spent_nano, reserved_nano FROM ledger"
+        params: tuple[str, ...] = ()
+        if scope_ids is not None:
+            sql += f" WHERE scope_id IN ({','.join('?' * len(scope_ids))})"
+            params = scope_ids
+        return self._db().execute(sql + " ORDER BY scope_id, period_key", params).fetchall()
 
     def _balances(self, scopes: tuple[BudgetScope, ...], now: float) -> list[SpendRow]:
         # A read (no write lock): expired reservations are left for the next reserve to
@@ -315,6 +410,66 @@ class LocalStore:
             ).fetchone()
             rows.append(SpendRow(s.scope_id, s.period_key, spent, reserved - expired))
         return rows
+
+    # one process (worker thread side): load, read missing rows, write back
+
+    def _load(
+        self, periods: list[str], now: float, settled_limit: int
+    ) -> tuple[list[tuple[str, str, int]], list[FileReservation], list[str]]:
+        def tx(conn: sqlite3.Connection) -> Any:
+            reservations = conn.execute(
+                "SELECT request_id, scope_id, period_key, amount_nano, expires_at FROM reservations"
+            ).fetchall()
+            keys = sorted(set(periods) | {r[2] for r in reservations})
+            spent = conn.execute(
+                "SELECT scope_id, period_key, spent_nano FROM ledger "
+                f"WHERE period_key IN ({','.join('?' * len(keys))})",
+                keys,
+            ).fetchall()
+            settled = conn.execute(
+                "SELECT request_id FROM settled WHERE forget_at > ? ORDER BY forget_at DESC LIMIT ?",
+                (now, settled_limit),
+            ).fetchall()
+            return spent, reservations, [request_id for (request_id,) in reversed(settled)]
+
+        return self._transaction(tx)
+
+    def _read_spent(self, keys: list[Key]) -> dict[Key, int]:
+        conn, found = self._db(), {}
+        for key in keys:
+            row = conn.execute(
+                "SELECT spent_nano FROM ledger WHERE scope_id = ? AND period_key = ?", key
+            ).fetchone()
+            if row is not None:
+                found[key] = row[0]
+        return found
+
+    def _write_back(
+        self, deltas: dict[Key, int], releases: set[str], outstanding: Sequence[FileReservation]
+    ) -> None:
+        """One transaction: release ended reservations adopted from the file, add spend,
+        and (on close) hand over the reservations still running."""
+
+        def tx(conn: sqlite3.Connection) -> None:
+            for request_id in releases:  # what is still in the file; none if another took it
+                held = conn.execute(
+                    "DELETE FROM reservations WHERE request_id = ? "
+                    "RETURNING amount_nano, scope_id, period_key",
+                    (request_id,),
+                ).fetchall()
+                conn.executemany(
+                    "UPDATE ledger SET reserved_nano = reserved_nano - ? "
+                    "WHERE scope_id = ? AND period_key = ?",
+                    held,
+                )
+            conn.executemany(_ADD_SPENT, [(*key, amount) for key, amount in deltas.items()])
+            for row in outstanding:
+                if conn.execute(
+                    "INSERT INTO reservations VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING", row
+                ).rowcount:
+                    conn.execute(_ADD_RESERVED, row[1:4])
+
+        self._transaction(tx)
 
     def _read_buckets(
         self, conn: sqlite3.Connection, scopes: tuple[RateScope, ...]
@@ -372,6 +527,18 @@ def _release_expired(conn: sqlite3.Connection, scope_id: str, period_key: str, n
             (total, scope_id, period_key),
         )
         conn.execute(f"DELETE FROM reservations WHERE {where}", (scope_id, period_key, now))
+
+
+def _keys(scopes: tuple[BudgetScope, ...]) -> tuple[Key, ...]:
+    return tuple([(s.scope_id, s.period_key) for s in scopes])
+
+
+def _warm_periods(now: float) -> list[str]:
+    """The period keys start() loads: every kind's current one and the day before's."""
+    keys = {"total"}
+    for at in (now, now - 86400):
+        keys.update(current_period(p, at)[0] for p in ("daily", "weekly", "monthly"))
+    return sorted(keys)
 
 
 def _check_scopes(scopes: tuple[BudgetScope, ...]) -> None:
