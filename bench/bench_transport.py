@@ -14,6 +14,8 @@ getrusage) and wall clock. Clients:
 - ``httpx-aiohttp``            httpx over ``httpx_aiohttp.AiohttpTransport``
 - ``httpx-aiohttp-tuned``      the same, URL parsed once and no cookie jar
                                (bench.passthrough.tune)
+- ``httpx-aiohttp-transport``  an httpx.Request sent straight to the AiohttpTransport,
+                               past the client's layers (what gateway/providers does)
 - ``aiohttp``                  a plain ``aiohttp.ClientSession``, the floor
 
 A probe also counts how many times httpcore runs ``import sniffio`` per request and
@@ -34,6 +36,7 @@ import datetime as dt
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -62,9 +65,10 @@ CLIENTS = (
     "httpx-default-nosniffio",
     "httpx-aiohttp",
     "httpx-aiohttp-tuned",
+    "httpx-aiohttp-transport",
     "aiohttp",
 )
-PASSTHROUGH_TRANSPORTS = ("default", "aiohttp", "aiohttp-tuned", "raw-aiohttp")
+PASSTHROUGH_TRANSPORTS = ("default", "aiohttp", "aiohttp-tuned", "aiohttp-transport", "raw-aiohttp")
 CLIENT_CONCURRENCY = (1, 16)
 BODY = (
     b'{"model":"bench-model","messages":[{"role":"system","content":"You are a helpful '
@@ -135,6 +139,22 @@ def make_client(name: str) -> tuple[Any, Any]:
 
         tune(client)
     parsed: dict[str, httpx.URL] = {}
+    if name == "httpx-aiohttp-transport":
+        # what gateway/providers does: an httpx.Request straight into the transport,
+        # past the client's auth/redirect/cookie/URL-merging layers
+        transport = client._transport
+
+        async def send_transport(url: str) -> int:
+            target = parsed.get(url) or parsed.setdefault(url, httpx.URL(url))
+            request = httpx.Request("POST", target, content=BODY, headers=HEADERS)
+            resp = await transport.handle_async_request(request)
+            try:
+                await resp.aread()
+            finally:
+                await resp.aclose()
+            return resp.status_code
+
+        return send_transport, client.aclose
 
     async def send_httpx(url: str) -> int:
         target: str | httpx.URL = url
@@ -297,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = set(clients) - set(CLIENTS) | set(transports) - set(PASSTHROUGH_TRANSPORTS)
     if unknown:
         parser.error(f"unknown client or transport: {', '.join(sorted(unknown))}")
+    # SIGTERM unwinds like Ctrl-C, so the servers started here are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     logdir = Path(tempfile.mkdtemp(prefix="tallygate-transport-"))
     mock_port = free_port()

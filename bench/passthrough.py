@@ -6,11 +6,13 @@ its body; a streamed answer is relayed chunk by chunk. No auth, no parsing: the 
 look at the body is a byte search for ``"stream": true``.
 
     python -m bench.passthrough --port 9002 --upstream http://127.0.0.1:9001 \
-        [--transport default|aiohttp|aiohttp-tuned|raw-aiohttp]
+        [--transport default|aiohttp|aiohttp-tuned|aiohttp-transport|raw-aiohttp]
 
 ``default`` is httpx's own transport (httpcore), ``aiohttp`` is httpx over
 ``httpx_aiohttp.AiohttpTransport``, ``aiohttp-tuned`` the same with the upstream URL
-parsed once and no cookie jar (``tune``), ``raw-aiohttp`` drops httpx for a plain
+parsed once and no cookie jar (``tune``), ``aiohttp-transport`` sends an httpx.Request
+straight to the transport past the client's layers (what gateway/providers does),
+``raw-aiohttp`` drops httpx for a plain
 ``aiohttp.ClientSession`` (a reference point, not a candidate: it loses the httpx API
 and its OpenTelemetry instrumentation).
 """
@@ -30,8 +32,14 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-Transport = Literal["default", "aiohttp", "aiohttp-tuned", "raw-aiohttp"]
-TRANSPORTS: tuple[Transport, ...] = ("default", "aiohttp", "aiohttp-tuned", "raw-aiohttp")
+Transport = Literal["default", "aiohttp", "aiohttp-tuned", "aiohttp-transport", "raw-aiohttp"]
+TRANSPORTS: tuple[Transport, ...] = (
+    "default",
+    "aiohttp",
+    "aiohttp-tuned",
+    "aiohttp-transport",
+    "raw-aiohttp",
+)
 UPSTREAM_HEADERS = {"content-type": "application/json", "authorization": "Bearer bench"}
 # Enough pooled keep-alive connections for concurrency 64 (httpx keeps 20 by default,
 # which would make every request past the 20th open a new connection).
@@ -64,7 +72,7 @@ def tune(client: httpx.AsyncClient) -> httpx.AsyncClient:
 
 def make_httpx_client(transport: Transport) -> httpx.AsyncClient:
     """One shared httpx client on the chosen transport."""
-    if transport in ("aiohttp", "aiohttp-tuned"):
+    if transport in ("aiohttp", "aiohttp-tuned", "aiohttp-transport"):
         from httpx_aiohttp import AiohttpTransport
 
         client = httpx.AsyncClient(
@@ -94,6 +102,35 @@ def httpx_endpoint(client: httpx.AsyncClient, url: str | httpx.URL) -> Endpoint:
         upstream = await client.post(url, content=body, headers=UPSTREAM_HEADERS)
         return Response(
             upstream.content,
+            status_code=upstream.status_code,
+            media_type=upstream.headers.get("content-type"),
+        )
+
+    return chat_completions
+
+
+def transport_endpoint(client: httpx.AsyncClient, url: httpx.URL) -> Endpoint:
+    """httpx.Request straight into the client's transport, as gateway/providers does."""
+    transport = client._transport
+
+    async def chat_completions(request: Request) -> Response:
+        body = await request.body()
+        upstream = await transport.handle_async_request(
+            httpx.Request("POST", url, content=body, headers=UPSTREAM_HEADERS)
+        )
+        if is_stream(body):
+            return StreamingResponse(
+                upstream.aiter_raw(),
+                status_code=upstream.status_code,
+                media_type=upstream.headers.get("content-type"),
+                background=BackgroundTask(upstream.aclose),
+            )
+        try:
+            content = await upstream.aread()
+        finally:
+            await upstream.aclose()
+        return Response(
+            content,
             status_code=upstream.status_code,
             media_type=upstream.headers.get("content-type"),
         )
@@ -151,10 +188,13 @@ def make_app(upstream: str, transport: Transport) -> Starlette:
                 await session.close()
             return
         client = make_httpx_client(transport)
-        # tuned: parse the upstream URL once, not on every request (~9 % of the CPU)
-        endpoint["chat"] = httpx_endpoint(
-            client, httpx.URL(url) if transport == "aiohttp-tuned" else url
-        )
+        if transport == "aiohttp-transport":
+            endpoint["chat"] = transport_endpoint(client, httpx.URL(url))
+        else:
+            # tuned: parse the upstream URL once, not on every request
+            endpoint["chat"] = httpx_endpoint(
+                client, httpx.URL(url) if transport == "aiohttp-tuned" else url
+            )
         try:
             yield
         finally:

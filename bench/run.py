@@ -757,8 +757,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one short round (~1 minute)")
     parser.add_argument("--duration", type=float, help="seconds per wrk run (default 8, quick 3)")
     parser.add_argument("--rounds", type=int, help="interleaved rounds (default 3, quick 1)")
-    parser.add_argument("--transport", default="aiohttp", choices=("default", "aiohttp", "raw-aiohttp"),
-                        help="the pass-through's upstream transport (default aiohttp)")  # fmt: skip
+    parser.add_argument("--transport", default="aiohttp-transport",
+                        choices=("default", "aiohttp", "aiohttp-tuned", "aiohttp-transport", "raw-aiohttp"),
+                        help="the pass-through's upstream client (default: the gateway's, "
+                             "httpx.Request straight into httpx-aiohttp's transport)")  # fmt: skip
     parser.add_argument("--no-gateway", action="store_true", help="direct and pass-through only")
     parser.add_argument("--profile", action="store_true", help="then py-spy the gateway at c=16")
     parser.add_argument("--no-readme", action="store_true", help="leave bench/README.md alone")
@@ -773,6 +775,8 @@ def main(argv: list[str] | None = None) -> int:
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install wrk", file=sys.stderr)
         return 2
+    # SIGTERM unwinds like Ctrl-C, so the servers started here are stopped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     duration = args.duration or (3.0 if args.quick else 8.0)
     rounds = args.rounds or (1 if args.quick else 3)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
