@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Literal, TextIO
 
 import httpx
@@ -36,28 +36,22 @@ from opentelemetry.metrics import CallbackOptions, NoOpMeterProvider, Observatio
 from opentelemetry.propagators.textmap import Getter
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import (
-    BatchLogRecordProcessor,
     LogRecordExporter,
-    LogRecordExportResult,
 )
 from opentelemetry.sdk.metrics import AlwaysOffExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import (
     ConsoleMetricExporter,
     MetricExporter,
-    MetricExportResult,
     MetricReader,
-    MetricsData,
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
-    BatchSpanProcessor,
     ConsoleSpanExporter,
     SimpleSpanProcessor,
     SpanExporter,
-    SpanExportResult,
 )
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as ga
@@ -80,6 +74,15 @@ from gateway import genai_attributes as gen
 from gateway.access_log import AccessLog, access_record
 from gateway.context import Attempt, RequestContext
 from gateway.prometheus import MetricSpec, PrometheusMetrics, prepare_multiprocess
+from gateway.telemetry_export import (
+    CountingBatchLogProcessor,
+    CountingBatchSpanProcessor,
+    ExportHealth,
+    GuardedLogExporter,
+    GuardedMetricExporter,
+    GuardedSpanExporter,
+    QuietExportLogs,
+)
 
 __all__ = ["METRICS", "Telemetry", "TelemetryConfig", "prepare_multiprocess"]
 
@@ -260,216 +263,9 @@ class _Counter:
 
 # --- export plumbing: one warning per outage, every drop counted --------------------------
 
+
 # The loggers the SDK and the OTLP exporters (1.45) use for export errors, retries and
 # queue-full warnings: per batch, on a dead endpoint, that is a log line every few seconds.
-_NOISY_LOGGERS = (
-    "opentelemetry.exporter.otlp.common.http",
-    "opentelemetry.exporter.otlp.proto.http._common",
-    "opentelemetry.exporter.otlp.proto.http.trace_exporter",
-    "opentelemetry.exporter.otlp.proto.http.metric_exporter",
-    "opentelemetry.exporter.otlp.proto.http._log_exporter",
-    "opentelemetry.exporter.otlp.proto.grpc.exporter",
-    "opentelemetry.exporter.otlp.proto.grpc.trace_exporter",
-    "opentelemetry.exporter.otlp.proto.grpc.metric_exporter",
-    "opentelemetry.exporter.otlp.proto.grpc._log_exporter",
-    "opentelemetry.sdk._shared_internal",
-    "opentelemetry.sdk.metrics._internal.export",
-    "opentelemetry.sdk._logs._internal.export",
-    "opentelemetry.sdk.trace.export",
-)
-
-
-class _QuietExportLogs(logging.Filter):
-    """Swallows the exporters' warnings and errors, keeping the last one's text for the
-    single warning _ExportHealth logs when exporting starts to fail."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.last_message = ""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno >= logging.WARNING:
-            with contextlib.suppress(Exception):
-                self.last_message = record.getMessage()[:300]
-            return False
-        return True
-
-    def install(self) -> None:
-        for name in _NOISY_LOGGERS:
-            logging.getLogger(name).addFilter(self)
-
-    def remove(self) -> None:
-        for name in _NOISY_LOGGERS:
-            logging.getLogger(name).removeFilter(self)
-
-
-class _ExportHealth:
-    """Per signal: counts what is dropped, logs once when exporting fails and once when
-    it recovers; during shutdown, once the backend is known dead, drops at once."""
-
-    def __init__(self, signal: str, target: str, telemetry: Telemetry) -> None:
-        self.signal = signal
-        self.target = target
-        self._telemetry = telemetry
-        self.failing = False
-        self.shutting_down = False
-
-    def skip(self) -> bool:
-        return self.shutting_down and self.failing
-
-    def succeeded(self) -> None:
-        if self.failing:
-            self.failing = False
-            logger.info("telemetry: exporting %s to %s recovered", self.signal, self.target)
-
-    def failed(self, count: int, reason: str = "export_failed") -> None:
-        self._telemetry._dropped(self.signal, reason, count)
-        quiet = self._telemetry._quiet
-        detail, quiet.last_message = quiet.last_message, ""  # the exporter's own last word
-        if not self.failing:
-            self.failing = True
-            logger.warning(
-                "telemetry: exporting %s to %s failed (%s); dropping telemetry and counting it "
-                "in %s, further export errors are not logged until it recovers",
-                self.signal,
-                self.target,
-                detail or reason,
-                DROPPED,
-            )
-
-
-class _GuardedSpanExporter(SpanExporter):
-    def __init__(self, inner: SpanExporter, health: _ExportHealth) -> None:
-        self._inner = inner
-        self._health = health
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        if self._health.skip():
-            self._health.failed(len(spans), "shutdown")
-            return SpanExportResult.FAILURE
-        try:
-            result = self._inner.export(spans)
-        except Exception:
-            result = SpanExportResult.FAILURE
-        if result is SpanExportResult.SUCCESS:
-            self._health.succeeded()
-        else:
-            self._health.failed(len(spans))
-        return result
-
-    def shutdown(self) -> None:
-        self._inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._inner.force_flush(timeout_millis)
-
-
-class _GuardedLogExporter(LogRecordExporter):
-    def __init__(self, inner: LogRecordExporter, health: _ExportHealth) -> None:
-        self._inner = inner
-        self._health = health
-
-    def export(self, batch: Sequence[Any]) -> LogRecordExportResult:
-        if self._health.skip():
-            self._health.failed(len(batch), "shutdown")
-            return LogRecordExportResult.FAILURE
-        try:
-            result = self._inner.export(batch)
-        except Exception:
-            result = LogRecordExportResult.FAILURE
-        if result is LogRecordExportResult.SUCCESS:
-            self._health.succeeded()
-        else:
-            self._health.failed(len(batch))
-        return result
-
-    def shutdown(self) -> None:
-        self._inner.shutdown()
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return self._inner.force_flush(timeout_millis)
-
-
-def _count_points(data: MetricsData) -> int:
-    return sum(
-        len(metric.data.data_points)
-        for rm in data.resource_metrics
-        for sm in rm.scope_metrics
-        for metric in sm.metrics
-    )
-
-
-class _GuardedMetricExporter(MetricExporter):
-    def __init__(self, inner: MetricExporter, health: _ExportHealth) -> None:
-        # the periodic reader reads these (private) preferences off its exporter
-        super().__init__(
-            preferred_temporality=inner._preferred_temporality,
-            preferred_aggregation=inner._preferred_aggregation,
-        )
-        self._inner = inner
-        self._health = health
-
-    def export(
-        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
-    ) -> MetricExportResult:
-        if self._health.skip():
-            self._health.failed(_count_points(metrics_data), "shutdown")
-            return MetricExportResult.FAILURE
-        try:
-            result = self._inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
-        except Exception:
-            result = MetricExportResult.FAILURE
-        if result is MetricExportResult.SUCCESS:
-            self._health.succeeded()
-        else:
-            self._health.failed(_count_points(metrics_data))
-        return result
-
-    def force_flush(self, timeout_millis: float = 10_000) -> bool:
-        return self._inner.force_flush(timeout_millis=timeout_millis)
-
-    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
-        self._inner.shutdown(timeout_millis=timeout_millis, **kwargs)
-
-
-def _queue_of(processor: Any) -> tuple[Any, int]:
-    # BatchProcessor's deque and bound (private in the SDK; without them, only failed
-    # exports are counted, not queue-full drops)
-    inner = getattr(processor, "_batch_processor", None)
-    return getattr(inner, "_queue", None), getattr(inner, "_max_queue_size", 0)
-
-
-class _CountingBatchSpanProcessor(BatchSpanProcessor):
-    """Counts the spans a full queue drops (the SDK only logs them)."""
-
-    def __init__(self, exporter: SpanExporter, on_drop: Callable[[int], None], **kwargs: Any):
-        super().__init__(exporter, **kwargs)
-        self._on_drop = on_drop
-        self._queue, self._max = _queue_of(self)
-
-    def on_end(self, span: ReadableSpan) -> None:
-        queue = self._queue
-        if queue is not None and len(queue) >= self._max and span.context.trace_flags.sampled:
-            self._on_drop(1)
-        super().on_end(span)
-
-
-class _CountingBatchLogProcessor(BatchLogRecordProcessor):
-    def __init__(self, exporter: LogRecordExporter, on_drop: Callable[[int], None], **kwargs: Any):
-        super().__init__(exporter, **kwargs)
-        self._on_drop = on_drop
-        self._queue, self._max = _queue_of(self)
-
-    def on_emit(self, log_record: Any) -> None:
-        queue = self._queue
-        if queue is not None and len(queue) >= self._max:
-            self._on_drop(1)
-        super().on_emit(log_record)
-
-
-# --- per-request state -------------------------------------------------------------------
-
-
 class _HeaderGetter(Getter[Mapping[str, str]]):
     """Reads W3C trace headers from any mapping: Starlette's Headers (case-insensitive)
     or a plain dict whose keys may be capitalized."""
@@ -563,8 +359,8 @@ class Telemetry:
         self._failed_stages: set[str] = set()
         self._dropped_total = 0
         self._lock = threading.Lock()
-        self._quiet = _QuietExportLogs()
-        self._healths: list[_ExportHealth] = []
+        self._quiet = QuietExportLogs()
+        self._healths: list[ExportHealth] = []
         self._description = "none"
 
     # -- setup --
@@ -615,7 +411,7 @@ class Telemetry:
             health = self._health("metrics", targets["metrics"][1])
             readers.append(
                 PeriodicExportingMetricReader(
-                    _GuardedMetricExporter(self._otlp_metric_exporter(targets), health),
+                    GuardedMetricExporter(self._otlp_metric_exporter(targets), health),
                     export_timeout_millis=timeout_ms,
                 )
             )
@@ -668,7 +464,7 @@ class Telemetry:
         processor: Any = None
         if span_exporter is not None:  # tests: synchronous, so spans are there at once
             health = self._health("traces", type(span_exporter).__name__)
-            processor = SimpleSpanProcessor(_GuardedSpanExporter(span_exporter, health))
+            processor = SimpleSpanProcessor(GuardedSpanExporter(span_exporter, health))
         elif config.exporter == "console" or (config.exporter == "otlp" and "traces" in targets):
             if config.exporter == "console":
                 exporter: SpanExporter = ConsoleSpanExporter(out=sys.stderr)
@@ -677,8 +473,8 @@ class Telemetry:
             else:
                 exporter = self._otlp_span_exporter(targets)
                 health = self._health("traces", targets["traces"][1])
-            processor = _CountingBatchSpanProcessor(
-                _GuardedSpanExporter(exporter, health),
+            processor = CountingBatchSpanProcessor(
+                GuardedSpanExporter(exporter, health),
                 lambda n: self._dropped("traces", "queue_full", n),
                 max_queue_size=config.max_queue_size,
                 max_export_batch_size=min(512, config.max_queue_size),
@@ -702,8 +498,8 @@ class Telemetry:
             health = self._health("logs", targets["logs"][1])
             self._logger_provider = LoggerProvider(resource=self._resource, shutdown_on_exit=False)
             self._logger_provider.add_log_record_processor(
-                _CountingBatchLogProcessor(
-                    _GuardedLogExporter(self._otlp_log_exporter(targets), health),
+                CountingBatchLogProcessor(
+                    GuardedLogExporter(self._otlp_log_exporter(targets), health),
                     lambda n: self._dropped("logs", "queue_full", n),
                     max_queue_size=config.max_queue_size,
                     max_export_batch_size=min(512, config.max_queue_size),
@@ -721,8 +517,8 @@ class Telemetry:
         self._quiet.install()
         return self
 
-    def _health(self, signal: str, target: str) -> _ExportHealth:
-        health = _ExportHealth(signal, target, self)
+    def _health(self, signal: str, target: str) -> ExportHealth:
+        health = ExportHealth(signal, target, self._dropped, self._quiet)
         self._healths.append(health)
         return health
 

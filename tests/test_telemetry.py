@@ -35,9 +35,9 @@ from gateway.telemetry import (
     TOKEN_BUCKETS,
     Telemetry,
     TelemetryConfig,
-    _CountingBatchSpanProcessor,
     prepare_multiprocess,
 )
+from gateway.telemetry_export import CountingBatchSpanProcessor
 from pricing.usage import Usage
 from tests.otlp_receiver import OTLPReceiver, dead_endpoint
 
@@ -849,7 +849,7 @@ class _BlockingExporter(SpanExporter):
 def test_a_full_queue_drops_and_counts() -> None:
     exporter = _BlockingExporter()
     drops: list[int] = []
-    processor = _CountingBatchSpanProcessor(
+    processor = CountingBatchSpanProcessor(
         exporter, drops.append, max_queue_size=2, max_export_batch_size=1, schedule_delay_millis=10
     )
     provider = TracerProvider(shutdown_on_exit=False)
