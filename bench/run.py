@@ -353,7 +353,9 @@ def tiktoken_cache() -> dict[str, str]:
     return {"TIKTOKEN_CACHE_DIR": str(cache)} if cache.is_dir() else {}
 
 
-def start_gateway(setup: Setup, port: int, mock_port: int, otlp_port: int) -> None:
+def start_gateway(
+    setup: Setup, port: int, mock_port: int, otlp_port: int, spawned: list[Server]
+) -> None:
     env = {
         "BENCH_UPSTREAM_PORT": str(mock_port),
         "BENCH_KEY": KEY,
@@ -366,6 +368,7 @@ def start_gateway(setup: Setup, port: int, mock_port: int, otlp_port: int) -> No
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     gw = spawn("gateway", cmd, SERVER_CPU, port, setup.logdir, env)
+    spawned.append(gw)
     setup.servers["gateway"] = gw
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     if not wait_port(gw, 60):
@@ -386,7 +389,9 @@ def start_gateway(setup: Setup, port: int, mock_port: int, otlp_port: int) -> No
     setup.urls["gateway"] = url
 
 
-def start_all(logdir: Path, transport: str, with_gateway: bool) -> Setup:
+def start_all(logdir: Path, transport: str, with_gateway: bool, spawned: list[Server]) -> Setup:
+    """Start everything; every process started is appended to ``spawned`` at once, so the
+    caller can stop them even when a later one fails to start."""
     mock_port, otlp_port, pt_port, gw_port = (free_port() for _ in range(4))
     mock = spawn(
         "mock", [sys.executable, "-m", "bench.mock_upstream", "--port", str(mock_port)],
@@ -396,6 +401,7 @@ def start_all(logdir: Path, transport: str, with_gateway: bool) -> Setup:
         "otlp", [sys.executable, "-m", "bench.run", "--serve-otlp", str(otlp_port)],
         DRIVER_CPU, otlp_port, logdir,
     )  # fmt: skip
+    spawned += [mock, receiver]
     setup = Setup(logdir, mock, receiver)
     for srv in (mock, receiver):
         if not wait_port(srv, 20):
@@ -409,6 +415,7 @@ def start_all(logdir: Path, transport: str, with_gateway: bool) -> Setup:
         ],
         SERVER_CPU, pt_port, logdir,
     )  # fmt: skip
+    spawned.append(pt)
     setup.servers["passthrough"] = pt
     if not wait_port(pt, 30):
         raise RuntimeError(f"passthrough did not start: {pt.stderr_tail()}")
@@ -417,7 +424,7 @@ def start_all(logdir: Path, transport: str, with_gateway: bool) -> Setup:
     if status != 200:
         raise RuntimeError(f"passthrough answered {status}: {body[:300]!r}")
     if with_gateway:
-        start_gateway(setup, gw_port, mock_port, otlp_port)
+        start_gateway(setup, gw_port, mock_port, otlp_port, spawned)
     else:
         setup.gateway_error = "skipped (--no-gateway)"
     time.sleep(1.0)  # let lazy start-up work settle before the idle reading
@@ -676,6 +683,18 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def render_saved(path: Path) -> str:
+    """latest.md again from a saved report (JSON turned the concurrency keys to strings)."""
+    report = json.loads(path.read_text())
+    for mode in ("plain", "stream"):
+        for t, rows in report["summary"][mode].items():
+            report["summary"][mode][t] = {int(c): row for c, row in rows.items()}
+    report["goals"] = goals(report["summary"], report["rss_load_mb"])
+    table = markdown(report)
+    (RESULTS / "latest.md").write_text(table)
+    return table
+
+
 def update_readme(table: str) -> None:
     start, end = "<!-- bench:latest:start -->", "<!-- bench:latest:end -->"
     try:
@@ -741,14 +760,12 @@ def profile_gateway(setup: Setup, duration: float, stamp: str, log: Any) -> str 
 @contextlib.contextmanager
 def started(transport: str, with_gateway: bool) -> Iterator[Setup]:
     logdir = Path(tempfile.mkdtemp(prefix="tallygate-bench-"))
-    setup: Setup | None = None
+    spawned: list[Server] = []
     try:
-        setup = start_all(logdir, transport, with_gateway)
-        yield setup
+        yield start_all(logdir, transport, with_gateway, spawned)
     finally:
-        if setup is not None:
-            for srv in [*setup.servers.values(), setup.receiver, setup.mock]:
-                srv.stop()
+        for srv in reversed(spawned):
+            srv.stop()
         shutil.rmtree(logdir, ignore_errors=True)
 
 
@@ -765,10 +782,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true", help="then py-spy the gateway at c=16")
     parser.add_argument("--no-readme", action="store_true", help="leave bench/README.md alone")
     parser.add_argument("--nice", type=int, help="run every bench process under nice -n N (root)")
+    parser.add_argument("--render", metavar="JSON", help="re-write latest.md from a results JSON")
     parser.add_argument("--serve-otlp", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_otlp:
         serve_otlp(args.serve_otlp)
+        return 0
+    if args.render:
+        print(render_saved(Path(args.render)), end="")
         return 0
     if args.nice is not None:
         os.environ["BENCH_NICE"] = str(args.nice)
