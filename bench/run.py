@@ -354,7 +354,7 @@ def tiktoken_cache() -> dict[str, str]:
 
 
 def start_gateway(
-    setup: Setup, port: int, mock_port: int, otlp_port: int, spawned: list[Server]
+    setup: Setup, port: int, mock_port: int, otlp_port: int, spawned: list[Server], config: Path
 ) -> None:
     env = {
         "BENCH_UPSTREAM_PORT": str(mock_port),
@@ -364,7 +364,7 @@ def start_gateway(
         **tiktoken_cache(),
     }
     cmd = [
-        sys.executable, "-m", "gateway", "serve", "--config", str(CONFIG),
+        sys.executable, "-m", "gateway", "serve", "--config", str(config),
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
     gw = spawn("gateway", cmd, SERVER_CPU, port, setup.logdir, env)
@@ -389,7 +389,7 @@ def start_gateway(
     setup.urls["gateway"] = url
 
 
-def start_all(logdir: Path, transport: str, with_gateway: bool, spawned: list[Server]) -> Setup:
+def start_all(logdir: Path, transport: str, config: Path | None, spawned: list[Server]) -> Setup:
     """Start everything; every process started is appended to ``spawned`` at once, so the
     caller can stop them even when a later one fails to start."""
     mock_port, otlp_port, pt_port, gw_port = (free_port() for _ in range(4))
@@ -423,8 +423,8 @@ def start_all(logdir: Path, transport: str, with_gateway: bool, spawned: list[Se
     status, body = http("POST", setup.urls["passthrough"], chat_body())
     if status != 200:
         raise RuntimeError(f"passthrough answered {status}: {body[:300]!r}")
-    if with_gateway:
-        start_gateway(setup, gw_port, mock_port, otlp_port, spawned)
+    if config is not None:
+        start_gateway(setup, gw_port, mock_port, otlp_port, spawned, config)
     else:
         setup.gateway_error = "skipped (--no-gateway)"
     time.sleep(1.0)  # let lazy start-up work settle before the idle reading
@@ -758,11 +758,11 @@ def profile_gateway(setup: Setup, duration: float, stamp: str, log: Any) -> str 
 
 
 @contextlib.contextmanager
-def started(transport: str, with_gateway: bool) -> Iterator[Setup]:
+def started(transport: str, config: Path | None) -> Iterator[Setup]:
     logdir = Path(tempfile.mkdtemp(prefix="tallygate-bench-"))
     spawned: list[Server] = []
     try:
-        yield start_all(logdir, transport, with_gateway, spawned)
+        yield start_all(logdir, transport, config, spawned)
     finally:
         for srv in reversed(spawned):
             srv.stop()
@@ -779,6 +779,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the pass-through's upstream client (default: the gateway's, "
                              "httpx.Request straight into httpx-aiohttp's transport)")  # fmt: skip
     parser.add_argument("--no-gateway", action="store_true", help="direct and pass-through only")
+    parser.add_argument("--config", type=Path, default=CONFIG,
+                        help="the gateway's config (default bench/config.bench.yaml)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="then py-spy the gateway at c=16")
     parser.add_argument("--no-readme", action="store_true", help="leave bench/README.md alone")
     parser.add_argument("--nice", type=int, help="run every bench process under nice -n N (root)")
@@ -810,8 +812,9 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": duration, "transport": args.transport, "chunks": 20, "chunk_delay_ms": 5,
         "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()), "cpus": os.cpu_count(),
         "python": sys.version.split()[0], "nice": os.environ.get("BENCH_NICE"),
+        "config": str(args.config),
     }  # fmt: skip
-    with started(args.transport, not args.no_gateway) as setup:
+    with started(args.transport, None if args.no_gateway else args.config.resolve()) as setup:
         if setup.gateway_error:
             log(f"gateway failed: {setup.gateway_error}")
         log(f"running {rounds} round(s) of {duration:.0f} s per figure over {list(setup.urls)}")
