@@ -133,35 +133,54 @@ def format_text(record: dict[str, Any]) -> str:
 
 
 class AccessLog:
-    """Writes access records to a text stream, one line per write() call.
+    """Writes access records to a text stream, one whole line per record.
 
-    Flushes at most every FLUSH_DELAY_S on the running loop rather than per line: a flush is
-    a syscall (~0.1 ms here), and lines still leave within 50 ms, whole, in order."""
+    To an OS file (stdout) on a running loop, lines are gathered and written together at
+    most every FLUSH_DELAY_S (one write and one flush per batch instead of per line: a
+    syscall costs ~0.1 ms here); they still leave within 50 ms, whole and in order. Without a
+    loop, or to an in-memory stream, each is written at once."""
 
     FLUSH_DELAY_S = 0.05
-    __slots__ = ("_flush_pending", "_format", "_stream")
+    __slots__ = ("_batch", "_format", "_pending", "_stream")
 
     def __init__(self, stream: TextIO, log_format: Literal["json", "text"] = "json") -> None:
         self._stream = stream
         self._format = format_json if log_format == "json" else format_text
-        self._flush_pending = False
+        self._pending: list[str] = []
+        self._batch = _is_os_file(stream)
 
     def write(self, record: dict[str, Any]) -> str:
         line = self._format(record)
-        self._stream.write(line)
-        if not self._flush_pending:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:  # no loop (a CLI, a test): flush now
-                self._stream.flush()
-                return line
-            self._flush_pending = True
-            loop.call_later(self.FLUSH_DELAY_S, self.flush)
+        if self._pending:
+            self._pending.append(line)
+            return line
+        try:
+            loop = asyncio.get_running_loop() if self._batch else None
+        except RuntimeError:
+            loop = None
+        if loop is None:  # no loop (a CLI), or an in-memory stream: write now
+            self._emit(line)
+            return line
+        self._pending.append(line)
+        loop.call_later(self.FLUSH_DELAY_S, self.flush)
         return line
 
     def flush(self) -> None:
-        self._flush_pending = False
+        lines, self._pending = self._pending, []
+        if lines:
+            self._emit("".join(lines))
+
+    def _emit(self, text: str) -> None:
         try:
+            self._stream.write(text)
             self._stream.flush()
         except (OSError, ValueError):  # a closed or broken stdout must not fail anything
             pass
+
+
+def _is_os_file(stream: TextIO) -> bool:
+    try:
+        stream.fileno()
+    except (OSError, ValueError, AttributeError):  # io.UnsupportedOperation is an OSError
+        return False
+    return True

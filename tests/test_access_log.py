@@ -139,3 +139,20 @@ def test_text_line_is_logfmt() -> None:
     stream = CountingStream()
     AccessLog(stream, "text").write(record)
     assert stream.writes == 1 and stream.getvalue() == format_text(record)
+
+
+async def test_lines_to_an_os_file_are_batched_and_flushed_within_50ms(tmp_path) -> None:
+    import asyncio
+
+    from gateway.access_log import AccessLog
+
+    with open(tmp_path / "access.log", "w") as stream:
+        log = AccessLog(stream)
+        log.write({"n": 1})
+        log.write({"n": 2})
+        assert (tmp_path / "access.log").read_text() == ""  # gathered, not yet written
+        await asyncio.sleep(0.2)
+        assert (tmp_path / "access.log").read_text() == '{"n":1}\n{"n":2}\n'
+        log.write({"n": 3})
+        log.flush()  # shutdown flushes what is pending
+        assert (tmp_path / "access.log").read_text().endswith('{"n":3}\n')
