@@ -251,8 +251,8 @@ def test_two_gateway_processes_share_one_redis_budget(tmp_path: Path, redis: Red
         assert team_spent(b.url) == spent  # both replicas read one ledger
     admitted = check_budget_outcome(responses, limit, spent)
     assert 1 <= admitted <= 30
-    served_by = {r.url.port for r in responses if r.status_code == 200}
-    assert served_by == {port_a, port_b}
+    # both replicas took part: whichever admitted, the one ledger held across them
+    assert {r.url.port for r in responses} == {port_a, port_b}
 
 
 def per_request_cost_key(url: str) -> Decimal:
