@@ -1,0 +1,154 @@
+"""Forwarding: the upstream body, one attempt at a time, retries with backoff, fallbacks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from gateway.context import Attempt, RequestContext
+from gateway.errors import (
+    GatewayError,
+)
+from gateway.providers.base import UpstreamResponse
+from gateway.routing import RETRYABLE_STATUS, Deployment, parse_retry_after
+from gateway.state import Gateway
+from gateway.upstream_errors import (
+    TRANSPORT_ERRORS,
+    error_type,
+    map_transport_error,
+    upstream_status_error,
+)
+
+log = logging.getLogger("tallygate")
+perf_counter = time.perf_counter
+
+
+def upstream_body(
+    ctx: RequestContext, gw: Gateway, dep: Deployment, *, inject_usage: bool = True
+) -> tuple[dict[str, Any], bool]:
+    """The client's body with only `model` rewritten, plus stream usage when not asked for.
+
+    Returns (body, hide_usage): hide_usage means the usage chunk we asked for is not the
+    client's to see."""
+    assert ctx.body is not None
+    body = dict(ctx.body)
+    body["model"] = dep.model
+    hide_usage = False
+    if inject_usage and ctx.stream and ctx.operation != "embeddings":
+        options = body.get("stream_options")
+        if not (isinstance(options, dict) and options.get("include_usage")):
+            body["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
+            hide_usage = True
+    if gw.config.redaction.upstream:
+        for name in ("messages", "prompt", "input"):
+            if name in body:
+                body[name], counts = gw.redactor.redact_value(body[name], truncate=False)
+                add_counts(ctx, counts)
+    return body, hide_usage
+
+
+def add_counts(ctx: RequestContext, counts: dict[str, int]) -> None:
+    for kind, n in counts.items():
+        ctx.redactions[kind] = ctx.redactions.get(kind, 0) + n
+
+
+async def forward(
+    gw: Gateway, ctx: RequestContext, plan: list[Deployment]
+) -> tuple[UpstreamResponse, Deployment]:
+    """Try deployments in order; retry retryable failures with backoff, then fall back.
+
+    Nothing is retried once a response has been accepted (a stream is returned at its
+    headers, before its first byte reaches the client)."""
+    retries = gw.config.routing.retries
+    last_error: GatewayError | None = None
+    last_response: tuple[UpstreamResponse, Deployment] | None = None
+    for position, dep in enumerate(plan):
+        if position:
+            gw.telemetry.count("fallback", ctx)
+        body, ctx.hide_usage = upstream_body(ctx, gw, dep)
+        for retry in range(retries + 1):
+            up, exc = await attempt(gw, ctx, dep, body)
+            if up is not None and up.status == 400 and rejects_stream_options(ctx, up):
+                # A server that does not know stream_options: ask again as the client did
+                # (its usage, if any, is then read or counted by us).
+                body, ctx.hide_usage = upstream_body(ctx, gw, dep, inject_usage=False)
+                up, exc = await attempt(gw, ctx, dep, body)
+            if up is not None:
+                if up.status not in RETRYABLE_STATUS:
+                    if up.status < 400:
+                        gw.router.record_success(dep)
+                    return up, dep
+                last_response = (up, dep)
+                last_error = upstream_status_error(up.status, dep.label, len(ctx.attempts))
+                retry_after = parse_retry_after(up.headers.get("retry-after"))
+            else:
+                assert exc is not None
+                last_error, last_response, retry_after = (
+                    map_transport_error(exc, dep.label),
+                    None,
+                    None,
+                )
+            gw.router.record_failure(dep)
+            if retry == retries:
+                break
+            wait = gw.router.backoff_s(retry + 1, retry_after)
+            if wait is None:
+                break  # Retry-After longer than we are willing to wait: fall back now
+            gw.telemetry.count("retry", ctx)
+            await asyncio.sleep(wait)
+    if last_response is not None and last_response[0].status == 429:
+        return last_response  # every deployment is rate limited: the client sees the provider's 429
+    assert last_error is not None
+    raise last_error
+
+
+async def attempt(
+    gw: Gateway, ctx: RequestContext, dep: Deployment, body: dict[str, Any]
+) -> tuple[UpstreamResponse | None, BaseException | None]:
+    """One upstream attempt, its span and its timing: (response, None) or (None, error)."""
+    provider = gw.providers[dep.provider]
+    current = Attempt(
+        number=len(ctx.attempts) + 1,
+        deployment=dep.label,
+        provider=dep.provider,
+        provider_kind=provider.kind,
+        upstream_model=dep.model,
+        server_address=provider.server_address,
+        server_port=provider.server_port,
+    )
+    ctx.attempts.append(current)
+    gw.telemetry.start_attempt(ctx, current)
+    t0 = perf_counter()
+    try:
+        with gw.telemetry.use_attempt(current):
+            up = await provider.send(
+                ctx.operation,
+                dep.model,
+                body,
+                stream=ctx.stream,
+                timeout_s=dep.timeout_s,
+                request_id=ctx.request_id,
+            )
+    except TRANSPORT_ERRORS as exc:
+        ctx.upstream_wait_s += perf_counter() - t0
+        current.error_type = error_type(exc)
+        current.ended = perf_counter()
+        gw.telemetry.end_attempt(ctx, current)
+        return None, exc
+    ctx.upstream_wait_s += perf_counter() - t0
+    current.status = up.status
+    if up.status in RETRYABLE_STATUS or (up.status == 400 and rejects_stream_options(ctx, up)):
+        current.error_type = str(up.status)
+        current.ended = perf_counter()
+        gw.telemetry.end_attempt(ctx, current)
+    return up, None
+
+
+def rejects_stream_options(ctx: RequestContext, up: UpstreamResponse) -> bool:
+    """An upstream 400 about the stream_options we added (not the client's own)."""
+    return ctx.hide_usage and up.body is not None and b"stream_options" in up.body

@@ -1,0 +1,143 @@
+"""Streams: relayed event by event as they arrive, settled however the response ends."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.responses import Response, StreamingResponse
+
+from gateway.admission import Admission, settle
+from gateway.context import RequestContext
+from gateway.metering import StreamObserver
+from gateway.providers.base import UpstreamResponse
+from gateway.responses import estimate_usage, finish, upstream_headers
+from gateway.routing import Deployment
+from gateway.sse import SSEDecoder
+from gateway.state import Gateway
+from gateway.upstream_errors import (
+    TRANSPORT_ERRORS,
+    error_type,
+    map_transport_error,
+)
+
+log = logging.getLogger("tallygate")
+perf_counter = time.perf_counter
+
+
+def stream_response(
+    gw: Gateway, ctx: RequestContext, up: UpstreamResponse, dep: Deployment, admission: Admission
+) -> Response:
+    ctx.status = 200
+    headers = upstream_headers(up, ctx, dep)
+    headers["cache-control"] = "no-cache"
+    headers["x-tallygate-overhead-ms"] = f"{ctx.overhead_s * 1000:.3f}"
+    relay = StreamRelay(gw, ctx, up, dep, admission)
+    return RelayResponse(relay, headers=headers, media_type="text/event-stream")
+
+
+class RelayResponse(StreamingResponse):
+    """A StreamingResponse that settles its stream however the response ends: even when the
+    client leaves before the first chunk, when the relay generator never runs its finally."""
+
+    def __init__(self, relay: StreamRelay, **kwargs: Any) -> None:
+        super().__init__(relay.events(), **kwargs)
+        self.relay = relay
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.relay.close()
+
+
+class StreamRelay:
+    """Relays one upstream stream event by event as it arrives, parsing each event once."""
+
+    def __init__(
+        self,
+        gw: Gateway,
+        ctx: RequestContext,
+        up: UpstreamResponse,
+        dep: Deployment,
+        admission: Admission,
+    ) -> None:
+        self.gw, self.ctx, self.up, self.dep, self.admission = gw, ctx, up, dep, admission
+        self.done = False
+        self.closed = False
+
+    def close(self) -> None:
+        """Settle and record once, as a tracked task (a disconnect cancels the caller): the
+        client going away closes the upstream request and is charged what was streamed."""
+        if self.closed:
+            return
+        self.closed = True
+        self.ctx.cancelled = not self.done and self.ctx.error_type is None
+        self.gw.tasks.spawn(finish_stream(self.gw, self.ctx, self.up, self.dep, self.admission))
+
+    async def events(self) -> AsyncIterator[bytes]:
+        gw, ctx, dep = self.gw, self.ctx, self.dep
+        assert self.up.chunks is not None
+        decoder = SSEDecoder()
+        observer = StreamObserver(ctx)
+        hide_usage = ctx.hide_usage
+        chunks = self.up.chunks.__aiter__()
+        last_sent = 0.0
+        try:
+            while True:
+                t0 = perf_counter()
+                try:
+                    raw = await chunks.__anext__()
+                except StopAsyncIteration:
+                    break
+                except TRANSPORT_ERRORS as exc:
+                    ctx.upstream_wait_s += perf_counter() - t0
+                    if ctx.attempt is not None:
+                        ctx.attempt.error_type = error_type(exc)
+                    err = map_transport_error(exc, dep.label)
+                    ctx.error_type = "stream_interrupted"
+                    ctx.error_message = err.message
+                    # Headers are gone: signal the failure in-band, the way OpenAI does.
+                    yield b"data: " + orjson.dumps(err.body()) + b"\n\n"
+                    break
+                now = perf_counter()
+                ctx.upstream_wait_s += now - t0
+                out = []
+                for event, data in decoder.feed(raw):
+                    if data is not None and data != b"[DONE]":
+                        try:
+                            obj = orjson.loads(data)
+                        except orjson.JSONDecodeError:
+                            obj = None
+                        if isinstance(obj, dict):
+                            observer.chunk(obj)
+                            if hide_usage and obj.get("usage") and not obj.get("choices"):
+                                continue
+                    out.append(event)
+                if out:
+                    if ctx.first_chunk_at is None:
+                        ctx.first_chunk_at = now
+                    else:
+                        gw.telemetry.record_chunk_gap(ctx, now - last_sent)
+                    last_sent = now
+                    yield b"".join(out) if len(out) > 1 else out[0]
+            self.done = True
+        finally:
+            self.close()
+
+
+async def finish_stream(
+    gw: Gateway, ctx: RequestContext, up: UpstreamResponse, dep: Deployment, admission: Admission
+) -> None:
+    await up.close()  # for a client that left: closes the upstream connection mid-response
+    if ctx.attempt is not None:
+        ctx.attempt.ended = perf_counter()
+    if ctx.usage is None:  # no usage chunk came (cut off, or an upstream that sends none)
+        ctx.usage = estimate_usage(gw, ctx, dep, admission)
+    # A stream that broke after its headers keeps status 200; ctx.error_type says why.
+    await settle(gw, ctx, admission, dep.label)
+    gw.telemetry.end_attempt(ctx, ctx.attempts[-1])
+    finish(gw, ctx, {})

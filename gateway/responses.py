@@ -1,0 +1,122 @@
+"""Responses: a whole upstream answer or error relayed to the client, settled and recorded."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import orjson
+from starlette.responses import Response
+
+from gateway.admission import Admission, settle
+from gateway.context import RequestContext
+from gateway.errors import (
+    GatewayError,
+)
+from gateway.metering import generated_text, observe_body
+from gateway.providers.base import UpstreamResponse
+from gateway.routing import Deployment
+from gateway.state import Gateway
+from pricing.cost import format_usd
+from pricing.usage import Usage
+
+log = logging.getLogger("tallygate")
+perf_counter = time.perf_counter
+PASSED_UPSTREAM_HEADERS = ("openai-processing-ms", "openai-version")
+
+
+def result_headers(ctx: RequestContext, dep: Deployment | None = None) -> dict[str, str]:
+    headers = {"x-request-id": ctx.request_id, **ctx.response_headers}
+    if ctx.attempts:
+        headers["x-tallygate-attempts"] = str(len(ctx.attempts))
+        headers["x-tallygate-deployment"] = dep.label if dep else ctx.attempts[-1].deployment
+    return headers
+
+
+def finish(gw: Gateway, ctx: RequestContext, headers: dict[str, str]) -> None:
+    headers["x-tallygate-overhead-ms"] = f"{ctx.overhead_s * 1000:.3f}"
+    gw.telemetry.finish_request(ctx)
+
+
+def fail(gw: Gateway, ctx: RequestContext, exc: GatewayError) -> Response:
+    ctx.status = exc.status
+    ctx.error_type = exc.code or exc.type
+    ctx.error_message = exc.message
+    headers = result_headers(ctx)
+    finish(gw, ctx, headers)
+    return exc.to_response(headers)
+
+
+def crash(gw: Gateway, ctx: RequestContext, exc: Exception) -> Response:
+    log.exception("request %s failed inside the gateway", ctx.request_id)
+    return fail(
+        gw, ctx, GatewayError(f"The gateway failed to handle the request ({type(exc).__name__}).")
+    )
+
+
+def upstream_headers(up: UpstreamResponse, ctx: RequestContext, dep: Deployment) -> dict[str, str]:
+    headers = result_headers(ctx, dep)
+    for name in PASSED_UPSTREAM_HEADERS:
+        value = up.headers.get(name)
+        if value is not None:
+            headers[name] = value
+    return headers
+
+
+async def passthrough_error(
+    gw: Gateway, ctx: RequestContext, up: UpstreamResponse, dep: Deployment, admission: Admission
+) -> Response:
+    """An upstream 4xx (or the last 429): the client gets the provider's status and body."""
+    await settle(gw, ctx, admission, None)
+    ctx.status = up.status
+    ctx.error_type = str(up.status)
+    ctx.error_message = upstream_message(gw, up.body or b"")
+    headers = upstream_headers(up, ctx, dep)
+    if "retry-after" in up.headers:
+        headers["retry-after"] = up.headers["retry-after"]
+    finish(gw, ctx, headers)
+    return Response(
+        up.body, up.status, headers, media_type=up.headers.get("content-type", "application/json")
+    )
+
+
+def upstream_message(gw: Gateway, body: bytes) -> str:
+    """The upstream's error message for our logs, redacted (it may quote the prompt)."""
+    try:
+        message = str(orjson.loads(body)["error"]["message"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        message = body[:500].decode("utf-8", "replace")
+    return gw.redactor.redact(message)[0]
+
+
+async def whole_response(
+    gw: Gateway, ctx: RequestContext, up: UpstreamResponse, dep: Deployment, admission: Admission
+) -> Response:
+    ctx.status = up.status
+    try:
+        data = orjson.loads(up.body or b"")
+    except orjson.JSONDecodeError:
+        data = None
+    if isinstance(data, dict):
+        observe_body(ctx, data)
+    if ctx.usage is None:
+        ctx.usage = estimate_usage(gw, ctx, dep, admission)
+    await settle(gw, ctx, admission, dep.label)
+    headers = upstream_headers(up, ctx, dep)
+    if ctx.cost_nano is not None:
+        headers["x-tallygate-cost-usd"] = format_usd(ctx.cost_nano)
+    finish(gw, ctx, headers)
+    return Response(
+        up.body, up.status, headers, media_type=up.headers.get("content-type", "application/json")
+    )
+
+
+def estimate_usage(
+    gw: Gateway, ctx: RequestContext, dep: Deployment, admission: Admission
+) -> Usage:
+    """The upstream reported no usage: count what went in and what came out ourselves."""
+    output = 0
+    if ctx.operation != "embeddings":
+        text = generated_text(ctx)
+        output = gw.counter.count_text(dep.model, text).tokens if text else 0
+    return Usage(input_tokens=admission.prompt_tokens, output_tokens=output, estimated=True)
