@@ -190,7 +190,8 @@ async def remaining_nano(gw: Gateway, scopes: list[BudgetScope]) -> int | None:
     except StoreError:
         return None
     return min(
-        (s.limit_nano or 0) - r.spent_nano - r.reserved_nano for s, r in zip(scopes, rows, strict=True)
+        (s.limit_nano or 0) - r.spent_nano - r.reserved_nano
+        for s, r in zip(scopes, rows, strict=True)
     )
 
 

@@ -182,7 +182,9 @@ def _cross_check(cfg: Config) -> list[str]:
                 seen[key.digest] = where
     for name, prov in cfg.providers.items():
         if prov.kind in NOT_YET_IMPLEMENTED:
-            errors.append(f"providers.{name}.kind: '{prov.kind}' is not implemented in this version")
+            errors.append(
+                f"providers.{name}.kind: '{prov.kind}' is not implemented in this version"
+            )
         if prov.kind == "azure" and (not prov.base_url or not prov.api_version):
             errors.append(f"providers.{name}: azure needs base_url and api_version")
     return errors

@@ -22,7 +22,9 @@ class Usage:
     cache_read_input_tokens: int = 0
     cache_creation_input_tokens: int = 0
     reasoning_output_tokens: int = 0
-    estimated: bool = False  # True when counted by us (tiktoken or a heuristic), not reported upstream
+    estimated: bool = (
+        False  # True when counted by us (tiktoken or a heuristic), not reported upstream
+    )
 
     @property
     def total_tokens(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import io
 import json
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -26,6 +27,12 @@ KEYS = {
     "beta": "sk-beta-key-3333",
     "admin": "sk-admin-key-4444",
 }
+
+
+def serve_command(config: Path | str, port: int, *extra: str) -> list[str]:
+    """`python -m gateway serve` on loopback, as a user runs it."""
+    return [sys.executable, "-m", "gateway", "serve", "--config", str(config),
+            "--host", "127.0.0.1", "--port", str(port), *extra]  # fmt: skip
 
 
 def base_config(upstream_url: str, db_path: Path) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import sys
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 
+from tests.gateway_harness import serve_command
 from tests.servers import free_port, run_process_server
 
 REPO = Path(__file__).resolve().parent.parent
@@ -22,18 +22,7 @@ def serve(tmp_path: Path, port: int, config: Path | None = None, env: dict | Non
     if config is None:
         config = tmp_path / "config.yaml"
         shutil.copy(REPO / "config.yaml", config)
-    cmd = [
-        sys.executable,
-        "-m",
-        "gateway",
-        "serve",
-        "--config",
-        str(config),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
+    cmd = serve_command(config, port)
     return run_process_server(cmd, port, env=env or {}, cwd=tmp_path)
 
 
@@ -102,20 +91,7 @@ def test_two_workers_share_the_ledger_and_the_metrics(tmp_path: Path) -> None:
     port = free_port()
     config = tmp_path / "config.yaml"
     shutil.copy(REPO / "config.yaml", config)
-    cmd = [
-        sys.executable,
-        "-m",
-        "gateway",
-        "serve",
-        "--config",
-        str(config),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "2",
-    ]
+    cmd = serve_command(config, port, "--workers", "2")
     with run_process_server(cmd, port, cwd=tmp_path) as server, httpx.Client(timeout=20) as h:
         costs = []
         for _ in range(20):

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.gateway_harness import KEYS, RunningGateway, merge, running_gateway
+from tests.gateway_harness import KEYS, RunningGateway, merge, running_gateway, serve_command
 from tests.redis_server import RedisServer, require_redis_server
 from tests.servers import free_port, run_process_server
 
@@ -211,18 +211,7 @@ def test_two_gateway_processes_share_one_redis_budget(tmp_path: Path, redis: Red
     }
     (tmp_path / "probe.yaml").write_text(yaml.safe_dump(base))
     with run_process_server(
-        [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--config",
-            str(tmp_path / "probe.yaml"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port_a),
-        ],
+        serve_command(tmp_path / "probe.yaml", port_a),
         port_a,
         cwd=tmp_path,
     ) as probe:
@@ -230,21 +219,11 @@ def test_two_gateway_processes_share_one_redis_budget(tmp_path: Path, redis: Red
     redis.flushall()
     limit = unit * 30 + unit / 2
     base["teams"]["alpha"]["budget"] = {"limit_usd": str(limit), "period": "total"}
-    (tmp_path / "shared.yaml").write_text(yaml.safe_dump(base))
-    cmd = [
-        sys.executable,
-        "-m",
-        "gateway",
-        "serve",
-        "--config",
-        str(tmp_path / "shared.yaml"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-    ]
+    shared = tmp_path / "shared.yaml"
+    shared.write_text(yaml.safe_dump(base))
     with (
-        run_process_server([*cmd, str(port_a)], port_a, cwd=tmp_path) as a,
-        run_process_server([*cmd, str(port_b)], port_b, cwd=tmp_path) as b,
+        run_process_server(serve_command(shared, port_a), port_a, cwd=tmp_path) as a,
+        run_process_server(serve_command(shared, port_b), port_b, cwd=tmp_path) as b,
     ):
         responses = asyncio.run(fire([a.url, b.url], 200))
         spent = team_spent(a.url)

@@ -134,7 +134,9 @@ def test_mock_provider_non_stream_and_stream(gateway: RunningGateway) -> None:
     # the mock counts the prompt with tiktoken as OpenAI's cookbook does: 3 per message,
     # its role and content, and 3 to prime the reply
     enc = tiktoken.get_encoding("o200k_base")
-    per_message = sum(3 + len(enc.encode(m["role"])) + len(enc.encode(m["content"])) for m in messages)
+    per_message = sum(
+        3 + len(enc.encode(m["role"])) + len(enc.encode(m["content"])) for m in messages
+    )
     assert reply.usage.prompt_tokens == per_message + 3
     assert (
         "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == "echo me back"

@@ -4,7 +4,6 @@ reaches any output of the gateway process: OTLP spans, metrics and logs, stdout,
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import httpx
@@ -12,7 +11,7 @@ import openai
 import yaml
 
 from tests.fake_upstream import FakeUpstream, Reply, Stream, chat_chunk
-from tests.gateway_harness import KEYS, base_config
+from tests.gateway_harness import KEYS, base_config, serve_command
 from tests.otlp_receiver import OTLPReceiver
 from tests.servers import free_port, run_process_server
 
@@ -51,18 +50,7 @@ def test_no_pii_reaches_any_output(tmp_path: Path, fake_upstream: FakeUpstream) 
         }
         path = tmp_path / "cfg.yaml"
         path.write_text(yaml.safe_dump(cfg))
-        cmd = [
-            sys.executable,
-            "-m",
-            "gateway",
-            "serve",
-            "--config",
-            str(path),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
+        cmd = serve_command(path, port)
         with run_process_server(cmd, port, cwd=tmp_path) as server:
             messages = [
                 {"role": "system", "content": f"Escalate to {SECRETS['email']}"},
