@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from typing import Any
 
@@ -21,7 +20,6 @@ from gateway.upstream_errors import (
     upstream_status_error,
 )
 
-log = logging.getLogger("tallygate")
 perf_counter = time.perf_counter
 
 

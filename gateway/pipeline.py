@@ -8,8 +8,6 @@ Authentication runs before parsing so an unauthenticated caller never makes us r
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 
 import orjson
 from starlette.requests import Request
@@ -29,9 +27,6 @@ from gateway.relay import stream_response
 from gateway.responses import crash, fail, passthrough_error, whole_response
 from gateway.routing import Deployment
 from gateway.state import Gateway
-
-log = logging.getLogger("tallygate")
-perf_counter = time.perf_counter
 
 # operation → (the field that must be present, what it must be)
 REQUIRED_FIELD = {"chat": "messages", "text_completion": "prompt", "embeddings": "input"}

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,7 +23,6 @@ from gateway.upstream_errors import (
     map_transport_error,
 )
 
-log = logging.getLogger("tallygate")
 perf_counter = time.perf_counter
 
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import orjson
 from starlette.responses import Response
 
 from gateway.admission import Admission, settle
 from gateway.context import RequestContext
-from gateway.errors import (
-    GatewayError,
-)
+from gateway.errors import GatewayError
 from gateway.metering import generated_text, observe_body
 from gateway.providers.base import UpstreamResponse
 from gateway.routing import Deployment
@@ -21,7 +18,6 @@ from pricing.cost import format_usd
 from pricing.usage import Usage
 
 log = logging.getLogger("tallygate")
-perf_counter = time.perf_counter
 PASSED_UPSTREAM_HEADERS = ("openai-processing-ms", "openai-version")
 
 
