@@ -117,6 +117,9 @@ class Gateway:
             redactor,
             telemetry,
         )
+        # Load the tokenizers now, off the loop, rather than inside the first request.
+        models = {d.model for deps in config.models.values() for d in deps}
+        gw.warming = gw.tasks.spawn(asyncio.to_thread(warm_encodings, counter, models))
         gw.ready = True
         return gw
 

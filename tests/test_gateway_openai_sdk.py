@@ -201,3 +201,14 @@ def wait_access_line(gw: RunningGateway) -> dict:
 
     wait_until(lambda: bool(gw.log.getvalue().strip()), within=5, what="access log line")
     return gw.access_lines()[-1]
+
+
+def test_tokenizers_load_at_start_and_readiness_waits_for_them(gateway: RunningGateway) -> None:
+    from tests.servers import wait_until
+
+    warming = gateway.gateway.warming
+    assert warming is not None  # started in the lifespan, not left to the first request
+    wait_until(lambda: httpx.get(gateway.url + "/readyz").status_code == 200, within=30)
+    body = httpx.get(gateway.url + "/readyz").json()
+    assert body == {"status": "ready", "config": True, "store": True, "tokenizer": True}
+    assert warming.done() and warming.exception() is None
