@@ -184,6 +184,13 @@ def test_no_pii_reaches_any_output(tmp_path: Path, fake_upstream: FakeUpstream) 
     assert leaks(exported) == []
     assert leaks(server.stdout) == [] and leaks(server.stderr) == []
     assert leaks(metrics_text) == []
+    # the redactions are counted per detector as a metric
+    counted = [
+        line for line in metrics_text.splitlines() if line.startswith("tallygate_redactions_total{")
+    ]
+    assert any(
+        'redaction_type="credit_card"' in line and not line.endswith(" 0.0") for line in counted
+    ), counted
     assert len([line for line in server.stdout.splitlines() if line.startswith("{")]) == 7
 
 
