@@ -564,11 +564,9 @@ class Telemetry:
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             return OTLPSpanExporter(**kwargs)
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-            OTLPSpanExporter as HTTPSpanExporter,
-        )
+        from gateway.otlp_spans import FastHTTPSpanExporter
 
-        return HTTPSpanExporter(**kwargs)
+        return FastHTTPSpanExporter(**kwargs)
 
     def _otlp_metric_exporter(
         self, targets: Mapping[str, tuple[str | None, str]]
