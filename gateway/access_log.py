@@ -39,6 +39,7 @@ FIELDS = (
     "cost_usd",
     "overhead_ms",
     "error_type",
+    "error_message",  # ours, or the upstream's redacted (it may quote the prompt)
     "cancelled",
 )
 
@@ -105,6 +106,7 @@ def access_record(
         "cost_usd": usd(ctx.cost_nano),
         "overhead_ms": _ms(overhead_s),
         "error_type": ctx.error_type,
+        "error_message": ctx.error_message,
         "cancelled": ctx.cancelled,
     }
 

@@ -60,7 +60,7 @@ class RequestContext:
     # results
     status: int = 0
     error_type: str | None = None
-    error_message: str | None = None
+    error_message: str | None = None  # never unredacted upstream text (access log, span status)
     response_id: str | None = None
     response_model: str | None = None
     finish_reasons: list[str] = field(default_factory=list)

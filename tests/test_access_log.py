@@ -67,6 +67,7 @@ def test_record_fields_in_order() -> None:
         "cost_usd": "0.000123450",
         "overhead_ms": 1.234,
         "error_type": None,
+        "error_message": None,
         "cancelled": False,
     }
 

@@ -144,6 +144,9 @@ def test_502_after_retries_and_the_message_names_no_key(
     assert err["type"] == "upstream_error" and err["code"] == "upstream_error"
     assert r.headers["x-tallygate-attempts"] == "2"  # retries: 1
     assert UPSTREAM_KEY not in r.text
+    line = gateway.access_lines()[-1]
+    assert line["status"] == 502 and line["error_message"] == err["message"]
+    assert "HTTP 500" in line["error_message"]
 
 
 def test_502_connection_refused(gateway_config: dict) -> None:

@@ -191,7 +191,11 @@ def test_no_pii_reaches_any_output(tmp_path: Path, fake_upstream: FakeUpstream) 
     assert any(
         'redaction_type="credit_card"' in line and not line.endswith(" 0.0") for line in counted
     ), counted
-    assert len([line for line in server.stdout.splitlines() if line.startswith("{")]) == 7
+    lines = [json.loads(line) for line in server.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 7
+    # the upstream's 400 quoted the prompt: its message is logged, but redacted
+    passed = next(line for line in lines if line["status"] == 400)
+    assert "[SSN]" in passed["error_message"] and "Invalid content" in passed["error_message"]
 
 
 def test_upstream_redaction_masks_the_prompt_sent_to_the_provider(
