@@ -140,7 +140,9 @@ def run_server(config: Config, args: argparse.Namespace) -> int:
         if config.store.backend == "local"
         else f" {redact_url(config.store.redis_url)}"
     )
-    exporter = describe_exporter(config)
+    from gateway.telemetry import describe_export
+
+    exporter = describe_export(config.telemetry, os.environ)
     print(
         f"tallygate listening on http://{host}:{port} (workers: {workers}; store: {store}; telemetry: {exporter})",
         file=sys.stderr,
@@ -170,21 +172,6 @@ def event_loop() -> str:
     except ImportError:
         return "asyncio"
     return "uvloop"
-
-
-def describe_exporter(config: Config) -> str:
-    t = config.telemetry
-    if t.exporter == "none":
-        return "none"
-    if t.exporter == "console":
-        return "console"
-    # the same precedence as gateway.telemetry: config, the per-signal env, the generic env
-    endpoint = (
-        t.endpoint
-        or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
-        or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    )
-    return f"otlp {t.protocol} {endpoint}" if endpoint else "none (no OTLP endpoint configured)"
 
 
 def redact_url(url: str) -> str:

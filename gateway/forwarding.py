@@ -23,15 +23,29 @@ from gateway.upstream_errors import (
 perf_counter = time.perf_counter
 
 
+def outgoing(gw: Gateway, ctx: RequestContext) -> dict[str, Any]:
+    """The client's body as it may leave the gateway: with redaction.upstream, its prompt
+    fields masked (once per request, whatever the number of attempts)."""
+    assert ctx.body is not None
+    if not gw.config.redaction.upstream:
+        return ctx.body
+    body = dict(ctx.body)
+    for name in ("messages", "prompt", "input"):
+        if name in body:
+            body[name], counts = gw.redactor.redact_value(body[name], truncate=False)
+            for kind, n in counts.items():
+                ctx.redactions[kind] = ctx.redactions.get(kind, 0) + n
+    return body
+
+
 def upstream_body(
-    ctx: RequestContext, gw: Gateway, dep: Deployment, *, inject_usage: bool = True
+    ctx: RequestContext, base: dict[str, Any], dep: Deployment, *, inject_usage: bool = True
 ) -> tuple[dict[str, Any], bool]:
-    """The client's body with only `model` rewritten, plus stream usage when not asked for.
+    """`base` with only `model` rewritten, plus stream usage when the client did not ask.
 
     Returns (body, hide_usage): hide_usage means the usage chunk we asked for is not the
     client's to see."""
-    assert ctx.body is not None
-    body = dict(ctx.body)
+    body = dict(base)
     body["model"] = dep.model
     hide_usage = False
     if inject_usage and ctx.stream and ctx.operation != "embeddings":
@@ -42,17 +56,7 @@ def upstream_body(
                 "include_usage": True,
             }
             hide_usage = True
-    if gw.config.redaction.upstream:
-        for name in ("messages", "prompt", "input"):
-            if name in body:
-                body[name], counts = gw.redactor.redact_value(body[name], truncate=False)
-                add_counts(ctx, counts)
     return body, hide_usage
-
-
-def add_counts(ctx: RequestContext, counts: dict[str, int]) -> None:
-    for kind, n in counts.items():
-        ctx.redactions[kind] = ctx.redactions.get(kind, 0) + n
 
 
 async def forward(
@@ -65,16 +69,17 @@ async def forward(
     retries = gw.config.routing.retries
     last_error: GatewayError | None = None
     last_response: tuple[UpstreamResponse, Deployment] | None = None
+    base = outgoing(gw, ctx)
     for position, dep in enumerate(plan):
         if position:
             gw.telemetry.count("fallback", ctx)
-        body, ctx.hide_usage = upstream_body(ctx, gw, dep)
+        body, ctx.hide_usage = upstream_body(ctx, base, dep)
         for retry in range(retries + 1):
             up, exc = await attempt(gw, ctx, dep, body)
             if up is not None and up.status == 400 and rejects_stream_options(ctx, up):
                 # A server that does not know stream_options: ask again as the client did
                 # (its usage, if any, is then read or counted by us).
-                body, ctx.hide_usage = upstream_body(ctx, gw, dep, inject_usage=False)
+                body, ctx.hide_usage = upstream_body(ctx, base, dep, inject_usage=False)
                 up, exc = await attempt(gw, ctx, dep, body)
             if up is not None:
                 if up.status not in RETRYABLE_STATUS:

@@ -8,7 +8,8 @@ from typing import Any
 
 from gateway.config import Config
 from policies.budget import budget_scopes
-from policies.store import Store
+from policies.config import BudgetConfig
+from policies.store import BudgetScope, Store
 from pricing.cost import format_usd
 
 
@@ -16,26 +17,21 @@ async def spend_report(
     config: Config, store: Store, team: str | None = None
 ) -> list[dict[str, Any]]:
     now = time.time()
-    wanted = []
+    wanted: list[tuple[str, str | None, BudgetScope, BudgetConfig | None]] = []
     for name, tcfg in config.teams.items():
         if team is not None and name != team:
             continue
-        keys = [k.name for k in tcfg.keys] or ["-"]
-        for i, key in enumerate(keys):
-            scopes = budget_scopes(name, key, tcfg.budget, tcfg.key_budget, now)
-            for scope in scopes:
-                is_team = scope.scope_id.startswith("team:")
-                if is_team and i:
-                    continue  # the team scope once per team
-                budget = tcfg.budget if is_team else tcfg.key_budget
-                wanted.append((name, None if is_team else key, scope, budget))
-    rows = await store.spend(tuple(s.scope_id for _, _, s, _ in wanted))
-    used = {(r.scope_id, r.period_key): r for r in rows}
+        keys = [k.name for k in tcfg.keys]
+        team_scope = budget_scopes(name, "", tcfg.budget, None, now)[0]
+        wanted.append((name, None, team_scope, tcfg.budget))
+        for key in keys:
+            key_scope = budget_scopes(name, key, None, tcfg.key_budget, now)[1]
+            wanted.append((name, key, key_scope, tcfg.key_budget))
+    # balances: exactly these scopes in their current periods, in order (no scan)
+    rows = await store.balances(tuple(scope for _, _, scope, _ in wanted))
     report = []
-    for name, key, scope, budget in wanted:
-        row = used.get((scope.scope_id, scope.period_key))
-        spent = row.spent_nano if row else 0
-        reserved = row.reserved_nano if row else 0
+    for (name, key, scope, budget), row in zip(wanted, rows, strict=True):
+        spent, reserved = row.spent_nano, row.reserved_nano
         limit = scope.limit_nano
         report.append(
             {

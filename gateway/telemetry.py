@@ -350,6 +350,39 @@ def _dumps(value: Any) -> str:
 # --- the API ----------------------------------------------------------------------------
 
 
+def otlp_targets(cfg: TelemetryConfig, env: Mapping[str, str]) -> dict[str, tuple[str | None, str]]:
+    """Per signal: (endpoint to pass the exporter, or None to let it read the OTEL_*
+    environment; what to call it in logs). Absent: not exported. The config's endpoint
+    wins over the per-signal variable, which wins over the generic one."""
+    http = cfg.protocol == "http/protobuf"
+    signals = ("traces", "metrics", "logs") if cfg.export_logs else ("traces", "metrics")
+    out: dict[str, tuple[str | None, str]] = {}
+    for signal in signals:
+        if cfg.endpoint:
+            base = cfg.endpoint.rstrip("/")
+            for suffix in ("/v1/traces", "/v1/metrics", "/v1/logs"):
+                base = base.removesuffix(suffix)
+            url = f"{base}/v1/{signal}" if http else base
+            out[signal] = (url, url)
+        elif value := env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"):
+            out[signal] = (None, value)
+        elif value := env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+            out[signal] = (None, value)
+    return out
+
+
+def describe_export(cfg: TelemetryConfig, env: Mapping[str, str]) -> str:
+    """Where telemetry goes, for the startup line: "otlp http/protobuf → URL", "console",
+    "none", or "none (otlp: no endpoint configured)"."""
+    if cfg.exporter != "otlp":
+        return cfg.exporter
+    targets = otlp_targets(cfg, env)
+    if not targets:
+        return "none (otlp: no endpoint configured)"
+    where = cfg.endpoint or targets.get("traces", next(iter(targets.values())))[1]
+    return f"otlp {cfg.protocol} → {where}"
+
+
 class Telemetry:
     """Traces, metrics and access log of one gateway process. Build with `create`."""
 
@@ -401,7 +434,7 @@ class Telemetry:
             }
         )
         timeout_ms = config.export_timeout_s * 1000.0
-        targets = self._targets()
+        targets = otlp_targets(config, os.environ)
 
         # metrics first: the export plumbing counts its drops in a meter
         readers: list[MetricReader] = [metric_reader] if metric_reader is not None else []
@@ -510,10 +543,7 @@ class Telemetry:
             self._otel_logger = self._logger_provider.get_logger("tallygate.access")
 
         if config.exporter == "otlp":
-            if targets:
-                self._description = f"otlp {config.protocol} → {self._describe_target(targets)}"
-            else:
-                self._description = "none (otlp: no endpoint configured)"
+            self._description = describe_export(config, os.environ)
         self._quiet.install()
         return self
 
@@ -521,32 +551,6 @@ class Telemetry:
         health = ExportHealth(signal, target, self._dropped, self._quiet)
         self._healths.append(health)
         return health
-
-    def _targets(self) -> dict[str, tuple[str | None, str]]:
-        """Per signal: (endpoint to pass the exporter, or None to let it read the
-        OTEL_* environment; what to call it in logs). Absent: not exported."""
-        cfg = self.config
-        env = os.environ
-        http = cfg.protocol == "http/protobuf"
-        signals = ("traces", "metrics", "logs") if cfg.export_logs else ("traces", "metrics")
-        out: dict[str, tuple[str | None, str]] = {}
-        for signal in signals:
-            if cfg.endpoint:
-                base = cfg.endpoint.rstrip("/")
-                for suffix in ("/v1/traces", "/v1/metrics", "/v1/logs"):
-                    base = base.removesuffix(suffix)
-                url = f"{base}/v1/{signal}" if http else base
-                out[signal] = (url, url)
-            elif value := env.get(f"OTEL_EXPORTER_OTLP_{signal.upper()}_ENDPOINT"):
-                out[signal] = (None, value)
-            elif value := env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-                out[signal] = (None, value)
-        return out
-
-    def _describe_target(self, targets: Mapping[str, tuple[str | None, str]]) -> str:
-        if self.config.endpoint:
-            return self.config.endpoint
-        return targets.get("traces", next(iter(targets.values())))[1]
 
     def _exporter_kwargs(self, endpoint: str | None) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"timeout": self.config.export_timeout_s}
@@ -905,7 +909,7 @@ class Telemetry:
             attributes[gen.TALLYGATE_REJECTED] = ctx.rejected
         span.set_attributes(attributes)
         if ctx.status >= 500:
-            span.set_status(Status(StatusCode.ERROR, error.get(ERROR_TYPE)))
+            span.set_status(Status(StatusCode.ERROR, ctx.error_message or error.get(ERROR_TYPE)))
         span.end(end_time=_wall_ns(ctx, now))
 
     def _end_leftovers(self, ctx: RequestContext, state: _RequestTrace | None, now: float) -> None:

@@ -26,7 +26,6 @@ def make_client(config: ProviderConfig) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         transport=AiohttpTransport(limits=limits),
         timeout=timeouts(config, config.timeout_s),
-        limits=limits,
     )
 
 

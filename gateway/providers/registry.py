@@ -6,14 +6,9 @@ import importlib
 from typing import Any
 
 from gateway.config import ProviderConfig
+from gateway.providers import PROVIDERS
 from gateway.providers.base import Provider
 from pricing.tokens import TokenCounter
-
-PROVIDERS = {
-    "openai": "gateway.providers.openai:OpenAIProvider",
-    "azure": "gateway.providers.azure:AzureProvider",
-    "mock": "gateway.providers.mock:MockProvider",
-}
 
 
 def provider_class(kind: str) -> Any:
