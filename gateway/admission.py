@@ -53,13 +53,30 @@ async def guarded(gw: Gateway, ctx: RequestContext, call: Awaitable[T], fallback
         return await call
     except StoreError as exc:
         gw.telemetry.count("store_error", ctx)
-        log.error("store unavailable (%s): %s", gw.config.store.on_error, exc)
+        log_outage(gw, exc)
         if gw.config.store.on_error == "fail_open":
             return fallback
         raise StoreUnavailable(
             "The gateway's budget store is unavailable, so the request was refused "
             "(store.on_error: fail_closed). Try again shortly."
         ) from None
+
+
+OUTAGE_LOG_EVERY_S = 10.0
+
+
+def log_outage(gw: Gateway, exc: StoreError) -> None:
+    """One line per OUTAGE_LOG_EVERY_S during an outage, not one per request (every failure
+    is still counted in tallygate.store.errors)."""
+    now = time.monotonic()
+    if now - gw.outage_logged_at < OUTAGE_LOG_EVERY_S:
+        gw.outages_unlogged += 1
+        return
+    more = (
+        f" ({gw.outages_unlogged} more failures since the last line)" if gw.outages_unlogged else ""
+    )
+    log.error("store unavailable (%s): %s%s", gw.config.store.on_error, exc, more)
+    gw.outage_logged_at, gw.outages_unlogged = now, 0
 
 
 def requested_output_cap(body: dict) -> int | None:

@@ -28,7 +28,7 @@ from gateway.responses import crash, fail, passthrough_error, whole_response
 from gateway.routing import Deployment
 from gateway.state import Gateway
 
-# operation → (the field that must be present, what it must be)
+# operation → the body field it cannot do without
 REQUIRED_FIELD = {"chat": "messages", "text_completion": "prompt", "embeddings": "input"}
 
 

@@ -54,6 +54,8 @@ class Gateway:
     tasks: TaskSet = field(default_factory=TaskSet)
     ready: bool = False
     started_at: float = 0.0
+    outage_logged_at: float = float("-inf")  # store outages: when one was last logged
+    outages_unlogged: int = 0
     warming: asyncio.Task[None] | None = None  # tokenizers loading; /readyz waits for it
     # Request ids need uniqueness, not secrecy: os.urandom per request costs ~0.1 ms here.
     ids: random.Random = field(default_factory=lambda: random.Random(os.urandom(16)))

@@ -290,3 +290,23 @@ def test_a_repeated_client_request_id_is_served_and_charged_each_time(
     assert all(r.headers["x-request-id"] == "same-id-every-time" for r in responses)
     charged = sum(Decimal(r.headers["x-tallygate-cost-usd"]) for r in responses)
     assert team_spent(gateway.url) == charged
+
+
+def test_a_store_outage_is_logged_once_not_per_request(
+    gateway_config: dict, redis: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    cfg = merge(
+        gateway_config, {"store": {"backend": "redis", "redis_url": redis.url, "timeout_s": 0.3}}
+    )
+    with running_gateway(cfg) as gw:
+        redis.stop()
+        with caplog.at_level("ERROR", logger="tallygate.admission"):
+            codes = [
+                httpx.post(
+                    gw.url + "/v1/chat/completions", json=demo_body(), headers=ALPHA, timeout=20
+                ).status_code
+                for _ in range(5)
+            ]
+    assert codes == [503] * 5
+    outage_lines = [r for r in caplog.records if "store unavailable" in r.getMessage()]
+    assert len(outage_lines) == 1
