@@ -4,6 +4,7 @@ Auth applies to every route except the explicit PUBLIC allow-list."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -14,6 +15,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from gateway import runtime
 from gateway.config import Config
 from gateway.errors import GatewayError, PermissionDenied, error_response
 from gateway.pipeline import handle
@@ -134,12 +136,27 @@ async def server_error(request: Request, exc: Exception) -> Response:
     return GatewayError("The gateway failed to handle the request.").to_response()
 
 
-def create_app(config: Config, hooks: TelemetryHooks | None = None) -> Starlette:
+async def freeze_when_warm(gw: Gateway) -> None:
+    if gw.warming is not None:
+        await asyncio.wait([gw.warming])
+    runtime.freeze_startup_heap()
+
+
+def create_app(
+    config: Config, hooks: TelemetryHooks | None = None, *, serving: bool = False
+) -> Starlette:
+    """The app. `serving`: this process exists to serve it (`tallygate serve`), so the
+    interpreter's garbage collector is tuned for it (gateway/runtime.py)."""
+
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if serving:
+            runtime.tune_gc()
         gw = await Gateway.start(config, hooks)
         gw.started_at = time.time()
         app.state.gateway = gw
+        if serving:
+            gw.tasks.spawn(freeze_when_warm(gw))
         try:
             yield
         finally:

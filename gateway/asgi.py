@@ -14,4 +14,4 @@ def app_from_env() -> Starlette:
     config = load_config(os.environ.get("TALLYGATE_CONFIG"))
     workers = int(os.environ.get("TALLYGATE_WORKERS", "1"))
     server = config.server.model_copy(update={"workers": workers})
-    return create_app(config.model_copy(update={"server": server}))
+    return create_app(config.model_copy(update={"server": server}), serving=True)

@@ -154,7 +154,7 @@ def run_server(config: Config, args: argparse.Namespace) -> int:
     if workers == 1:
         from gateway.app import create_app
 
-        uvicorn.run(create_app(config), **options)  # type: ignore[arg-type]
+        uvicorn.run(create_app(config, serving=True), **options)  # type: ignore[arg-type]
         return 0
     # Several processes: each worker re-reads the config file named in the environment.
     from gateway.telemetry import prepare_multiprocess

@@ -195,7 +195,7 @@ class TokenCounter:
 
         def run() -> None:
             try:
-                self._encodings[name] = tiktoken.get_encoding(name)
+                self._encodings[name] = _lean(tiktoken.get_encoding(name))
             except BaseException as exc:  # reported below, in the caller's thread
                 errors.append(exc)
 
@@ -215,6 +215,14 @@ class TokenCounter:
                 name,
                 reason[:300],
             )
+
+
+def _lean(encoding: tiktoken.Encoding) -> tiktoken.Encoding:
+    """Drop the Python copy of the rank table (o200k: 200k bytes → int, ~30 MB). tiktoken
+    keeps it only to pickle the Encoding; the Rust core encodes from its own copy."""
+    if isinstance(getattr(encoding, "_mergeable_ranks", None), dict):
+        encoding._mergeable_ranks = {}
+    return encoding
 
 
 def _base_model(model: str) -> str:

@@ -440,8 +440,9 @@ class FakeUpstream:
                 await self._gate()
             if i and step.delay_s:
                 await asyncio.sleep(step.delay_s)
-            await emit(chunk.encode() if isinstance(chunk, str) else _sse(chunk))
+            # counted before the write: a client that has read chunk n always sees >= n
             self._bump(ex, "sent_chunks")
+            await emit(chunk.encode() if isinstance(chunk, str) else _sse(chunk))
         if step.drop_after is not None:
             ex.dropped = True
             _transport(ex.send).close()

@@ -140,6 +140,17 @@ def test_count_text(
     assert counter.count_text("gpt-4o", "") == TokenCount(0, False)
 
 
+def test_loaded_encoding_keeps_no_python_rank_table(counter: TokenCounter) -> None:
+    # tiktoken's Python copy of the ranks (~30 MB for o200k) only serves pickling
+    text = "Rank tables live in Rust; this sentence still round-trips. 🎉"
+    n = counter.count_text("gpt-4o", text).tokens
+    encoding = tiktoken.get_encoding("o200k_base")  # the registry's object, now lean
+    assert encoding._mergeable_ranks == {}
+    ids = encoding.encode_ordinary(text)
+    assert len(ids) == n > 5
+    assert encoding.decode(ids) == text
+
+
 def test_special_token_text_is_counted_as_text(
     counter: TokenCounter, o200k: tiktoken.Encoding
 ) -> None:
