@@ -135,7 +135,7 @@ async def attempt(
                 body,
                 stream=ctx.stream,
                 timeout_s=dep.timeout_s,
-                request_id=ctx.request_id,
+                headers={"x-request-id": ctx.request_id, **gw.telemetry.trace_headers(current)},
             )
     except TRANSPORT_ERRORS as exc:
         ctx.upstream_wait_s += perf_counter() - t0

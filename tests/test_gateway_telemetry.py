@@ -41,12 +41,13 @@ def test_non_stream_spans_continue_traceparent_and_reach_the_provider(
         json={"model": "gpt-4o-mini", "messages": PII, "temperature": 0.2, "max_tokens": 40},
     )
     assert r.status_code == 200
-    [server], [chat], [http] = spans_by_kind(gateway, 3)
+    [server], [chat], http_spans = spans_by_kind(gateway, 2)
+    assert http_spans == []  # telemetry.http_spans is off by default
     assert format(server.context.trace_id, "032x") == TRACE_ID
     assert format(server.parent.span_id, "016x") == "b7ad6b7169203331"
     assert chat.parent.span_id == server.context.span_id
-    assert http.parent.span_id == chat.context.span_id
     assert chat.name == "chat gpt-4o-mini"
+    assert chat.attributes["http.response.status_code"] == 200
     a = chat.attributes
     assert a["gen_ai.operation.name"] == "chat" and a["gen_ai.provider.name"] == "openai"
     assert a["gen_ai.request.model"] == "gpt-4o-mini"
@@ -61,14 +62,34 @@ def test_non_stream_spans_continue_traceparent_and_reach_the_provider(
     assert s["tallygate.team"] == "alpha" and s["tallygate.key"] == "alpha-app"
     assert s["tallygate.deployment"] == "up/gpt-4o-mini" and s["tallygate.attempts"] == 1
     assert s["tallygate.cost.usd"] > 0 and s["tallygate.tokens.estimated"] is False
-    # the provider got a traceparent in the same trace, pointing at the HTTP client span
+    # the provider got a traceparent in the same trace, pointing at the attempt's span
     sent = fake_upstream.requests[-1].headers["traceparent"]
     assert sent.split("-")[1] == TRACE_ID
-    assert sent.split("-")[2] == format(http.context.span_id, "016x")
+    assert sent.split("-")[2] == format(chat.context.span_id, "016x")
     line = gateway.access_lines()[-1]
     assert line["trace_id"] == TRACE_ID and line["span_id"] == format(
         server.context.span_id, "016x"
     )
+
+
+def test_http_spans_on_nest_the_httpx_span_and_it_goes_upstream(
+    gateway_config: dict, fake_upstream: FakeUpstream
+) -> None:
+    from tests.gateway_harness import running_gateway
+
+    with running_gateway(merge(gateway_config, {"telemetry": {"http_spans": True}})) as gw:
+        r = httpx.post(
+            gw.base_url + "/chat/completions",
+            headers={**ALPHA, "traceparent": TRACEPARENT},
+            json={"model": "gpt-4o-mini", "messages": PII},
+        )
+        assert r.status_code == 200
+        [_server], [chat], [http] = spans_by_kind(gw, 3)
+    assert http.parent.span_id == chat.context.span_id
+    assert http.name == "POST"
+    sent = fake_upstream.requests[-1].headers["traceparent"]
+    assert sent.split("-")[1] == TRACE_ID
+    assert sent.split("-")[2] == format(http.context.span_id, "016x")
 
 
 def test_content_is_captured_redacted(gateway: RunningGateway) -> None:
@@ -77,7 +98,7 @@ def test_content_is_captured_redacted(gateway: RunningGateway) -> None:
         headers=ALPHA,
         json={"model": "gpt-4o-mini", "messages": PII},
     )
-    [server], [chat], _ = spans_by_kind(gateway, 3)
+    [server], [chat], _ = spans_by_kind(gateway, 2)
     captured = chat.attributes["gen_ai.input.messages"] + chat.attributes["gen_ai.output.messages"]
     assert "jane.doe@example.com" not in captured and "555 2671" not in captured
     assert "[EMAIL]" in captured and "[PHONE]" in captured
@@ -93,7 +114,7 @@ def test_one_client_span_per_attempt(gateway: RunningGateway, fake_upstream: Fak
         json={"model": "fallback", "messages": [{"role": "user", "content": "hi"}]},
     )
     assert r.status_code == 200
-    [server], chats, _ = spans_by_kind(gateway, 7)
+    [server], chats, _ = spans_by_kind(gateway, 4)
     chats.sort(key=lambda s: s.attributes["tallygate.attempt"])
     assert [c.attributes["tallygate.attempt"] for c in chats] == [1, 2, 3]
     assert [c.attributes.get("error.type") for c in chats] == ["500", "500", None]
@@ -116,7 +137,7 @@ def test_stream_spans_and_time_to_first_chunk(gateway: RunningGateway) -> None:
                 model="gpt-4o-mini", messages=[{"role": "user", "content": "a b c"}], stream=True
             )
         )
-    [_server], [chat], _ = spans_by_kind(gateway, 3)
+    [_server], [chat], _ = spans_by_kind(gateway, 2)
     assert chat.attributes["gen_ai.request.stream"] is True
     assert chat.attributes["gen_ai.response.time_to_first_chunk"] > 0
     assert chat.attributes["gen_ai.usage.output_tokens"] == 3
@@ -198,7 +219,7 @@ def test_otlp_export_over_the_wire(gateway_config: dict) -> None:
                 json={"model": "gpt-4o-mini", "messages": PII},
             )
             assert r.status_code == 200
-        spans = rx.wait_for_spans(3)  # flushed at shutdown at the latest
+        spans = rx.wait_for_spans(2)  # flushed at shutdown at the latest
         names = {s.name for s in spans}
         assert {"POST /v1/chat/completions", "chat gpt-4o-mini"} <= names
         assert all(s.trace_id == TRACE_ID for s in spans)

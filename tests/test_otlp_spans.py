@@ -26,7 +26,7 @@ from opentelemetry.trace import (
 
 from gateway.otlp_spans import encode_spans, varint
 from tests.fake_upstream import FakeUpstream, error_reply
-from tests.gateway_harness import KEYS, base_config, running_gateway
+from tests.gateway_harness import KEYS, base_config, merge, running_gateway
 
 
 def parsed(data: bytes) -> ExportTraceServiceRequest:
@@ -97,7 +97,12 @@ def test_synthetic_spans_encode_like_the_official_encoder() -> None:
 def test_real_gateway_spans_encode_like_the_official_encoder(tmp_path: pathlib.Path) -> None:
     with (
         FakeUpstream() as fake,
-        running_gateway(base_config(fake.base_url, tmp_path / "t.db")) as gw,
+        # with the httpx spans: a second instrumentation scope in the batch
+        running_gateway(
+            merge(
+                base_config(fake.base_url, tmp_path / "t.db"), {"telemetry": {"http_spans": True}}
+            )
+        ) as gw,
     ):
         fake.enqueue(error_reply(500))  # a retry: error spans too
         for stream in (False, True):

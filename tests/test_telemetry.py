@@ -225,6 +225,7 @@ async def test_server_and_client_spans(telemetry: Callable[..., Harness]) -> Non
         "gen_ai.response.finish_reasons": ("stop",),
         "gen_ai.usage.input_tokens": 21,
         "gen_ai.usage.output_tokens": 9,
+        "http.response.status_code": 200,
     }
     assert client.status.status_code is StatusCode.UNSET
     attrs = dict(server.attributes or {})
@@ -438,7 +439,7 @@ async def test_embeddings(telemetry: Callable[..., Harness]) -> None:
 async def test_instrumented_httpx_client_nests_and_propagates(
     telemetry: Callable[..., Harness],
 ) -> None:
-    h = telemetry()
+    h = telemetry(TelemetryConfig(exporter="none", http_spans=True))
     seen: list[httpx.Request] = []
 
     def upstream(req: httpx.Request) -> httpx.Response:
@@ -463,6 +464,50 @@ async def test_instrumented_httpx_client_nests_and_propagates(
     traceparent = seen[0].headers["traceparent"]
     assert traceparent.split("-")[1] == "0af7651916cd43dd8448eb211c80319c"
     assert traceparent.split("-")[2] == format(http.context.span_id, "016x")
+
+
+async def test_without_http_spans_the_attempt_span_goes_upstream(
+    telemetry: Callable[..., Harness],
+) -> None:
+    h = telemetry()  # http_spans off: the default
+    seen: list[httpx.Request] = []
+
+    def upstream(req: httpx.Request) -> httpx.Response:
+        seen.append(req)
+        return httpx.Response(200, json={"ok": True})
+
+    async with httpx.AsyncClient(transport=httpx.MockTransport(upstream)) as client:
+        h.tel.instrument_client(client)  # a no-op now
+        ctx = request()
+        h.tel.start_request(ctx, {"traceparent": TRACEPARENT, "tracestate": "vendor=1"})
+        a = attempt(ctx)
+        h.tel.start_attempt(ctx, a)
+        with h.tel.use_attempt(a):
+            await client.post("https://api.openai.com/v1/chat/completions", json={},
+                              headers=h.tel.trace_headers(a))  # fmt: skip
+        succeed(ctx, a)
+        h.tel.end_attempt(ctx, a)
+        h.tel.finish_request(ctx)
+
+    assert [s.name for s in h.client_spans()] == ["chat gpt-4o-mini"]  # no HTTP span
+    gen_ai = h.span(SpanKind.CLIENT)
+    version, trace_id, span_id, flags = seen[0].headers["traceparent"].split("-")
+    assert (version, trace_id, flags) == ("00", "0af7651916cd43dd8448eb211c80319c", "01")
+    assert span_id == format(gen_ai.context.span_id, "016x")
+    assert seen[0].headers["tracestate"] == "vendor=1"
+
+
+async def test_trace_headers_empty_without_a_recorded_trace(
+    telemetry: Callable[..., Harness],
+) -> None:
+    h = telemetry()
+    ctx = request()
+    a = attempt(ctx)  # no span started for it
+    assert h.tel.trace_headers(a) == {}
+    h2 = telemetry(TelemetryConfig(exporter="none", http_spans=True))
+    h2.tel.start_request(ctx, {})
+    h2.tel.start_attempt(ctx, a)
+    assert h2.tel.trace_headers(a) == {}  # the instrumentation injects its own
 
 
 async def test_use_attempt_lets_the_body_raise(telemetry: Callable[..., Harness]) -> None:

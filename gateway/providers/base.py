@@ -48,8 +48,9 @@ class Provider(Protocol):
         *,
         stream: bool,
         timeout_s: float,
-        request_id: str,
+        headers: Mapping[str, str],
     ) -> UpstreamResponse:
-        """Send ``body`` (model already rewritten) upstream. Raises httpx errors on transport
+        """Send ``body`` (model already rewritten) upstream, with ``headers`` (x-request-id,
+        traceparent) besides the provider's own. Raises httpx errors on transport
         failure; those are mapped to gateway errors in one place (gateway.upstream_errors)."""
         ...

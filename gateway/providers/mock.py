@@ -11,7 +11,7 @@ import hashlib
 import itertools
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, ClassVar
 
 import orjson
@@ -77,7 +77,7 @@ class MockProvider:
         *,
         stream: bool,
         timeout_s: float,
-        request_id: str,
+        headers: Mapping[str, str],
     ) -> UpstreamResponse:
         if self.config.latency_ms:
             await asyncio.sleep(self.config.latency_ms / 1000)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import httpx
@@ -57,7 +58,7 @@ class OpenAIProvider:
         *,
         stream: bool,
         timeout_s: float,
-        request_id: str,
+        headers: Mapping[str, str],
     ) -> UpstreamResponse:
         timeout = self._timeouts.get(timeout_s)
         if timeout is None:
@@ -69,7 +70,7 @@ class OpenAIProvider:
             "POST",
             url,
             content=orjson.dumps(body),
-            headers={**self._headers, "x-request-id": request_id},
+            headers={**self._headers, **headers},
             extensions={"timeout": timeout},
         )
         # Straight to the (instrumented) transport; see gateway.providers.http.make_client.
