@@ -123,44 +123,10 @@ class SpanEncoder:
 
     def encode(self, spans: Sequence[ReadableSpan]) -> bytes:
         """An ExportTraceServiceRequest: spans grouped by resource, then instrumentation scope."""
-        # grouped by identity: a Resource hashes by JSON-dumping its attributes
-        resources: dict[int, Any] = {}
-        grouped: dict[int, dict[Any, list[bytes]]] = {}
+        batch = EncodedBatch()
         for span in spans:
-            rid = id(span.resource)
-            if rid not in grouped:
-                resources[rid] = span.resource
-                grouped[rid] = {}
-            scopes = grouped[rid]
-            scope = span.instrumentation_scope or None
-            encoded = self.encode_span(span)
-            if scope in scopes:
-                scopes[scope].append(encoded)
-            else:
-                scopes[scope] = [encoded]
-        out = []
-        for rid, scopes in grouped.items():
-            resource = resources[rid]
-            scope_parts = []
-            for scope, encoded_spans in scopes.items():
-                scope_body = b""
-                if scope is not None:
-                    if scope.name:
-                        scope_body += field_str(1, scope.name)
-                    if scope.version:
-                        scope_body += field_str(2, scope.version)
-                    scope_body += attributes(3, scope.attributes)
-                body = field_bytes(1, scope_body) + b"".join(
-                    field_bytes(2, s) for s in encoded_spans
-                )
-                if scope is not None and scope.schema_url:
-                    body += field_str(3, scope.schema_url)
-                scope_parts.append(field_bytes(2, body))
-            body = field_bytes(1, attributes(1, resource.attributes)) + b"".join(scope_parts)
-            if resource.schema_url:
-                body += field_str(3, resource.schema_url)
-            out.append(field_bytes(1, body))
-        return b"".join(out)
+            batch.add(span.resource, span.instrumentation_scope, self.encode_span(span))
+        return batch.request()
 
     def encode_span(self, span: ReadableSpan) -> bytes:
         ctx = span.get_span_context()
@@ -210,6 +176,58 @@ class SpanEncoder:
         return b"".join(parts)
 
 
+class EncodedBatch:
+    """Encoded spans grouped by resource, then instrumentation scope, as an
+    ExportTraceServiceRequest needs them (a repeated field is its entries' concatenation,
+    so spans encoded one by one join without re-encoding)."""
+
+    __slots__ = ("_grouped", "_resources", "count")
+
+    def __init__(self) -> None:
+        # grouped by identity: a Resource hashes by JSON-dumping its attributes
+        self._resources: dict[int, Any] = {}
+        self._grouped: dict[int, dict[Any, list[bytes]]] = {}
+        self.count = 0
+
+    def add(self, resource: Any, scope: Any, encoded_span: bytes) -> None:
+        rid = id(resource)
+        scopes = self._grouped.get(rid)
+        if scopes is None:
+            self._resources[rid] = resource
+            scopes = self._grouped[rid] = {}
+        scope = scope or None
+        if scope in scopes:
+            scopes[scope].append(encoded_span)
+        else:
+            scopes[scope] = [encoded_span]
+        self.count += 1
+
+    def request(self) -> bytes:
+        out = []
+        for rid, scopes in self._grouped.items():
+            resource = self._resources[rid]
+            scope_parts = []
+            for scope, encoded_spans in scopes.items():
+                scope_body = b""
+                if scope is not None:
+                    if scope.name:
+                        scope_body += field_str(1, scope.name)
+                    if scope.version:
+                        scope_body += field_str(2, scope.version)
+                    scope_body += attributes(3, scope.attributes)
+                body = field_bytes(1, scope_body) + b"".join(
+                    field_bytes(2, s) for s in encoded_spans
+                )
+                if scope is not None and scope.schema_url:
+                    body += field_str(3, scope.schema_url)
+                scope_parts.append(field_bytes(2, body))
+            body = field_bytes(1, attributes(1, resource.attributes)) + b"".join(scope_parts)
+            if resource.schema_url:
+                body += field_str(3, resource.schema_url)
+            out.append(field_bytes(1, body))
+        return b"".join(out)
+
+
 def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
     return SpanEncoder().encode(spans)
 
@@ -228,6 +246,11 @@ class FastHTTPSpanExporter(OTLPSpanExporter):
         self._encoder = SpanEncoder()
         self._fast = all(hasattr(self, name) for name in _INTERNALS)
 
+    @property
+    def fast(self) -> bool:
+        """Whether export_encoded can send (the exporter internals it needs exist)."""
+        return self._fast
+
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         if not self._fast or self._shutdown:
             return super().export(spans)
@@ -238,7 +261,16 @@ class FastHTTPSpanExporter(OTLPSpanExporter):
         limit = self._max_request_size
         if limit is not None and len(data) > limit:
             return super().export(spans)  # it logs and counts the refusal its own way
-        with self._metrics.export_operation(len(spans)) as result:
+        return self.export_encoded(data, len(spans))
+
+    def export_encoded(self, data: bytes, count: int) -> SpanExportResult:
+        """POST an already encoded ExportTraceServiceRequest of `count` spans."""
+        if self._shutdown:
+            return SpanExportResult.FAILURE
+        limit = self._max_request_size
+        if limit is not None and len(data) > limit:
+            return SpanExportResult.FAILURE
+        with self._metrics.export_operation(count) as result:
             sent = self._client.export(data)
             if not sent.success:
                 result.error = sent.error

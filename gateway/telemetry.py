@@ -512,14 +512,27 @@ class Telemetry:
             else:
                 exporter = self._otlp_span_exporter(targets)
                 health = self._health("traces", targets["traces"][1])
-            processor = CountingBatchSpanProcessor(
-                GuardedSpanExporter(exporter, health),
-                lambda n: self._dropped("traces", "queue_full", n),
-                max_queue_size=config.max_queue_size,
-                max_export_batch_size=min(512, config.max_queue_size),
-                export_timeout_millis=timeout_ms,
-                meter_provider=self._meter_provider,
-            )
+            on_drop = lambda n: self._dropped("traces", "queue_full", n)  # noqa: E731
+            if getattr(exporter, "fast", False):  # FastHTTPSpanExporter, its internals found
+                from gateway.span_export import EncodedSpanProcessor
+
+                # spans encoded as they end, the thread only sends: no GIL bursts
+                processor = EncodedSpanProcessor(
+                    exporter,
+                    health,
+                    on_drop,
+                    max_queue_size=config.max_queue_size,
+                    max_export_batch_size=min(512, config.max_queue_size),
+                )
+            else:
+                processor = CountingBatchSpanProcessor(
+                    GuardedSpanExporter(exporter, health),
+                    on_drop,
+                    max_queue_size=config.max_queue_size,
+                    max_export_batch_size=min(512, config.max_queue_size),
+                    export_timeout_millis=timeout_ms,
+                    meter_provider=self._meter_provider,
+                )
         # nothing to export spans to: sample nothing, so spans cost almost nothing yet
         # still carry ids for the access log and the upstream traceparent
         sampler = ALWAYS_OFF if processor is None else None
