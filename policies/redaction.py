@@ -17,6 +17,15 @@ from policies.detectors import BUILTIN_BRANCHES, Branch, normalize
 DetectorName = Literal["email", "phone", "credit_card", "ssn", "iban", "ip", "secret"]
 
 _CONTAINERS = (dict, list, tuple)
+# Strings that make up the structure of OpenAI bodies and GenAI content (roles, part
+# types, finish reasons): each one the detectors find nothing in is skipped per request.
+_STRUCTURE_WORDS = (
+    "system", "user", "assistant", "tool", "developer", "function", "text", "image_url",
+    "input_audio", "file", "tool_call", "tool_call_response", "stop", "length",
+    "content_filter", "tool_calls", "function_call", "json_object", "json_schema", "auto",
+    "none", "required",
+)  # fmt: skip
+_RECURSION_LIMIT = 48  # deeper than this, redact_value walks with an explicit stack
 _PAST_ANCHOR = r"[\s\S]"
 
 
@@ -70,6 +79,7 @@ class Redactor:
         self._customs = [(re.compile(c.pattern), c.name) for c in config.custom]
         self._labels: dict[str, str] = {kind: kind.upper() for kind in config.detectors}
         self._labels.update({name: name.upper() for _, name in self._customs})
+        self._clean = frozenset(w for w in _STRUCTURE_WORDS if not self._find(w))
 
     def redact(self, text: str, *, truncate: bool = True) -> tuple[str, dict[str, int]]:
         """The text with every detected value replaced, and the count per detector type.
@@ -99,8 +109,32 @@ class Redactor:
         redacted; dict keys are kept. Containers where nothing changed are returned as they
         are, so an object without findings comes back unchanged (the same object)."""
         counts: dict[str, int] = {}
-        if not isinstance(obj, _CONTAINERS):
-            return self._leaf(obj, counts, truncate), counts
+        return self._walk(obj, counts, truncate, 0), counts
+
+    def _walk(self, node: Any, counts: dict[str, int], truncate: bool, depth: int) -> Any:
+        """Recursive while shallow (the usual case, and the fastest); deeper, iterative."""
+        if isinstance(node, str):
+            return self._leaf(node, counts, truncate)
+        if not isinstance(node, _CONTAINERS):
+            return node
+        if depth >= _RECURSION_LIMIT:
+            return self._walk_deep(node, counts, truncate)
+        depth += 1
+        if isinstance(node, dict):
+            changed = None
+            for key, value in node.items():
+                new = self._walk(value, counts, truncate, depth)
+                if new is not value:
+                    if changed is None:
+                        changed = dict(node)
+                    changed[key] = new
+            return node if changed is None else changed
+        done = [self._walk(value, counts, truncate, depth) for value in node]
+        if all(new is old for new, old in zip(done, node, strict=True)):
+            return node
+        return tuple(done) if isinstance(node, tuple) else done
+
+    def _walk_deep(self, obj: Any, counts: dict[str, int], truncate: bool) -> Any:
         # Iterative post-order walk: deeply nested JSON cannot exhaust the interpreter stack.
         stack: list[tuple[Any, list[Any], list[Any]]] = [(obj, _children(obj), [])]
         while True:
@@ -115,11 +149,11 @@ class Redactor:
             stack.pop()
             result = _rebuild(node, items, done)
             if not stack:
-                return result, counts
+                return result
             stack[-1][2].append(result)
 
     def _leaf(self, value: Any, counts: dict[str, int], truncate: bool) -> Any:
-        if not isinstance(value, str):
+        if not isinstance(value, str) or value in self._clean:
             return value
         new, found = self.redact(value, truncate=truncate)
         for kind, n in found.items():

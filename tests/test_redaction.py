@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from policies.detectors import BUILTIN_BRANCHES, DETECTOR_TYPES
-from policies.redaction import DetectorName, RedactionConfig, Redactor
+from policies.redaction import CustomPattern, DetectorName, RedactionConfig, Redactor
 from tests.data.redaction_corpus import card_number, grouped, iban, luhn_complete
 
 
@@ -577,6 +577,32 @@ def test_redact_value_keeps_tuples_and_deep_nesting(redactor: Redactor) -> None:
         assert isinstance(out, list)
         out = out[0]
     assert out == "[EMAIL]"
+
+
+def test_redact_value_mixed_nesting_changes_only_what_it_must(redactor: Redactor) -> None:
+    shared = {"k": ["plain", ("t", 2)]}
+    body = {"a": [{"x": "ok", "y": ["mail me: b@example.com", shared]}], "z": shared}
+    out, counts = redactor.redact_value(body)
+    assert out == {"a": [{"x": "ok", "y": ["mail me: [EMAIL]", shared]}], "z": shared}
+    assert counts == {"email": 1}
+    assert out["z"] is shared and out["a"][0]["y"][1] is shared  # unchanged: not copied
+    assert body["a"][0]["y"][0] == "mail me: b@example.com"  # the input is not modified
+    deep: object = {"d": "c@example.com"}
+    for i in range(200):  # past the recursive walk's depth: the explicit stack takes over
+        deep = {"d": deep} if i % 2 else [deep, "x"]
+    out, counts = redactor.redact_value(deep)
+    assert counts == {"email": 1} and "c@example.com" not in repr(out)
+
+
+def test_structure_words_are_skipped_unless_a_custom_pattern_wants_them() -> None:
+    plain = Redactor(RedactionConfig())
+    assert {"user", "assistant", "text", "stop"} <= plain._clean
+    role_hunter = Redactor(
+        RedactionConfig(custom=[CustomPattern(name="role", pattern=r"\bassistant\b")])
+    )
+    assert "assistant" not in role_hunter._clean and "user" in role_hunter._clean
+    out, counts = role_hunter.redact_value({"role": "assistant", "content": "hi"})
+    assert out == {"role": "[ROLE]", "content": "hi"} and counts == {"role": 1}
 
 
 def test_redact_value_truncates_each_string() -> None:
