@@ -75,10 +75,12 @@ def nano_to_usd(nano: int) -> Decimal:
 
 def format_usd(nano: int) -> str:
     """A plain decimal USD string: no exponent, no trailing zeros, at least "0"."""
-    text = format(nano_to_usd(nano), "f")
-    if "." in text:
-        text = text.rstrip("0").rstrip(".")
-    return "0" if text in ("", "-0") else text
+    nano = int(nano)
+    whole, frac = divmod(abs(nano), NANO_PER_USD)  # integers: no Decimal on the hot path
+    sign = "-" if nano < 0 else ""
+    if not frac:
+        return f"{sign}{whole}" if whole else "0"
+    return f"{sign}{whole}.{frac:09d}".rstrip("0")
 
 
 def _or(value: Decimal | None, fallback: Decimal) -> Decimal:
