@@ -54,6 +54,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
 )
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as ga
 from opentelemetry.semconv._incubating.attributes.server_attributes import (
     SERVER_ADDRESS,
@@ -73,6 +74,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway import genai_attributes as gen
 from gateway.access_log import AccessLog, access_record
 from gateway.context import Attempt, RequestContext
+from gateway.lite_spans import LiteSpan, LiteTracer
 from gateway.prometheus import MetricSpec, PrometheusMetrics, prepare_multiprocess
 from gateway.telemetry_export import (
     CountingBatchLogProcessor,
@@ -289,11 +291,10 @@ class _HeaderGetter(Getter[Mapping[str, str]]):
 class _RequestTrace:
     """What telemetry keeps per request, in RequestContext.trace."""
 
-    __slots__ = ("chunk_attrs", "context", "finished", "request_attrs", "span")
+    __slots__ = ("chunk_attrs", "finished", "request_attrs", "span")
 
-    def __init__(self, span: trace.Span | None, ctx: otel_context.Context | None) -> None:
+    def __init__(self, span: LiteSpan | None) -> None:
         self.span = span
-        self.context = ctx
         self.request_attrs: dict[str, Any] | None = None  # gen_ai.request.* of the body
         self.chunk_attrs: dict[str, Any] | None = None  # metric attributes for chunk gaps
         self.finished = False
@@ -306,7 +307,7 @@ class _AttemptTrace:
 
     __slots__ = ("closed", "end_ns", "failed", "span")
 
-    def __init__(self, span: trace.Span) -> None:
+    def __init__(self, span: LiteSpan) -> None:
         self.span = span
         self.end_ns: int | None = None
         self.failed = False
@@ -328,7 +329,7 @@ class _CurrentSpan:
         state = self._state
         if isinstance(state, _AttemptTrace):
             try:
-                self._token = otel_context.attach(trace.set_span_in_context(state.span))
+                self._token = otel_context.attach(_as_context(state.span))
             except Exception:
                 self._telemetry._failed("use_attempt")
 
@@ -342,6 +343,13 @@ class _CurrentSpan:
 
 
 _NOTHING = contextlib.nullcontext()
+
+
+def _as_context(span: LiteSpan | None) -> otel_context.Context | None:
+    """An OpenTelemetry Context whose current span is `span` (for instrumentation and logs)."""
+    if span is None:
+        return None
+    return trace.set_span_in_context(trace.NonRecordingSpan(span.get_span_context()))
 
 
 def _wall_ns(ctx: RequestContext, perf: float) -> int:
@@ -541,7 +549,10 @@ class Telemetry:
         )
         if processor is not None:
             self._tracer_provider.add_span_processor(processor)
-        self._tracer = self._tracer_provider.get_tracer("tallygate", service_version)
+        # the gateway's own spans (gateway/lite_spans.py); the provider serves instrumentation
+        self._spans = LiteTracer(
+            self._resource, InstrumentationScope("tallygate", service_version), processor
+        )
 
         # logs: the access lines, when asked for and there is somewhere to send them
         self._logger_provider: LoggerProvider | None = None
@@ -676,10 +687,10 @@ class Telemetry:
     def start_request(self, ctx: RequestContext, headers: Mapping[str, str]) -> None:
         """The SERVER span "{method} {path}", continuing an incoming traceparent."""
         try:
-            parent = self._propagator.extract(headers, getter=self._getter)
-            span = self._tracer.start_span(
+            incoming = self._propagator.extract(headers, getter=self._getter)
+            span = self._spans.start_span(
                 f"{ctx.method} {ctx.path}",
-                context=parent,
+                parent=trace.get_current_span(incoming).get_span_context(),
                 kind=SpanKind.SERVER,
                 attributes=gen.server_request_attributes(
                     method=ctx.method,
@@ -689,7 +700,7 @@ class Telemetry:
                 ),
                 start_time=int(ctx.started_unix * 1e9),
             )
-            ctx.trace = _RequestTrace(span, trace.set_span_in_context(span))
+            ctx.trace = _RequestTrace(span)
         except Exception:
             self._failed("start_request")
 
@@ -698,7 +709,7 @@ class Telemetry:
         try:
             state = ctx.trace
             if not isinstance(state, _RequestTrace):
-                state = ctx.trace = _RequestTrace(None, None)
+                state = ctx.trace = _RequestTrace(None)
             for earlier in ctx.attempts:  # a retry/fallback closes what came before
                 if earlier is not attempt and isinstance(earlier.span, _AttemptTrace):
                     self._close_attempt(ctx, earlier, final=False)
@@ -706,9 +717,9 @@ class Telemetry:
             if state.span is None or state.span.is_recording():
                 # (in a sampled-out trace the child is not recorded either: skip the work)
                 attributes = self._attempt_attributes(ctx, attempt, state)
-            span = self._tracer.start_span(
+            span = self._spans.start_span(
                 f"{ctx.operation} {attempt.upstream_model}",
-                context=state.context,
+                parent=state.span.get_span_context() if state.span is not None else None,
                 kind=SpanKind.CLIENT,
                 attributes=attributes,
                 start_time=_wall_ns(ctx, attempt.started),
@@ -1076,7 +1087,7 @@ class Telemetry:
         if self._otel_logger is not None:
             self._otel_logger.emit(
                 timestamp=int(end_unix * 1e9),
-                context=state.context if state is not None else None,
+                context=_as_context(state.span) if state is not None else None,
                 severity_number=SeverityNumber.INFO,
                 severity_text="INFO",
                 body={k: v for k, v in record.items() if v is not None},
