@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -65,16 +66,17 @@ class StreamRelay:
     ) -> None:
         self.gw, self.ctx, self.up, self.dep, self.admission = gw, ctx, up, dep, admission
         self.done = False
-        self.closed = False
+        self.finishing: asyncio.Task[None] | None = None
 
-    def close(self) -> None:
+    def close(self) -> asyncio.Task[None]:
         """Settle and record once, as a tracked task (a disconnect cancels the caller): the
         client going away closes the upstream request and is charged what was streamed."""
-        if self.closed:
-            return
-        self.closed = True
-        self.ctx.cancelled = not self.done and self.ctx.error_type is None
-        self.gw.tasks.spawn(finish_stream(self.gw, self.ctx, self.up, self.dep, self.admission))
+        if self.finishing is None:
+            self.ctx.cancelled = not self.done and self.ctx.error_type is None
+            self.finishing = self.gw.tasks.spawn(
+                finish_stream(self.gw, self.ctx, self.up, self.dep, self.admission)
+            )
+        return self.finishing
 
     async def events(self) -> AsyncIterator[bytes]:
         gw, ctx, dep = self.gw, self.ctx, self.dep
@@ -124,7 +126,12 @@ class StreamRelay:
                     yield b"".join(out) if len(out) > 1 else out[0]
             self.done = True
         finally:
-            self.close()
+            finishing = self.close()
+        # Settle and record before the stream's last bytes go out, as a whole response does
+        # before it is sent: the client's next request then finds this one's spend settled
+        # (not still reserved at its maximum) and does not queue behind its bookkeeping.
+        # (Shielded: a client leaving now does not cut the settlement short.)
+        await asyncio.shield(finishing)
 
 
 async def finish_stream(

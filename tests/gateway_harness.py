@@ -119,8 +119,11 @@ def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextmanager
-def running_gateway(config: dict[str, Any]) -> Iterator[RunningGateway]:
-    spans = InMemorySpanExporter()
+def running_gateway(
+    config: dict[str, Any], spans: InMemorySpanExporter | None = None
+) -> Iterator[RunningGateway]:
+    """`spans`: an InMemorySpanExporter (or subclass) of the test's own."""
+    spans = spans if spans is not None else InMemorySpanExporter()
     metrics = InMemoryMetricReader()
     log = io.StringIO()
     app = create_app(parse_config(config, env={}), TelemetryHooks(spans, metrics, log))

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 
 import httpx
 import pytest
 import yaml
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 
 from tests.gateway_harness import KEYS, RunningGateway, merge, running_gateway, serve_command
 from tests.redis_server import RedisServer, require_redis_server
@@ -310,3 +313,33 @@ def test_a_store_outage_is_logged_once_not_per_request(
     assert codes == [503] * 5
     outage_lines = [r for r in caplog.records if "store unavailable" in r.getMessage()]
     assert len(outage_lines) == 1
+
+
+class SlowSpanExporter(InMemorySpanExporter):
+    """Takes 0.2 s to take each span: bookkeeping that runs after the response is out
+    shows up as spans missing when the client has read the last byte."""
+
+    def export(self, spans):  # type: ignore[no-untyped-def]
+        time.sleep(0.2)
+        return super().export(spans)
+
+
+def test_a_stream_is_settled_and_recorded_before_its_last_byte(gateway_config: dict) -> None:
+    # like a whole response: the client's next request finds this one's spend settled
+    # (not still reserved at its maximum) and its telemetry done
+    with (
+        running_gateway(gateway_config, spans=SlowSpanExporter()) as gw,
+        httpx.Client(base_url=gw.url, timeout=30) as client,
+    ):
+        for i in range(2):
+            with client.stream(
+                "POST", "/v1/chat/completions", json=demo_body(stream=True), headers=ALPHA
+            ) as r:
+                assert r.status_code == 200
+                assert b"data: [DONE]" in b"".join(r.iter_bytes())
+            # no request in between: what is there now was there before the last byte
+            servers = [s for s in gw.spans.get_finished_spans() if s.kind == SpanKind.SERVER]
+            assert len(servers) == i + 1, f"stream {i}: recorded after its end"
+            rows = client.get("/admin/spend", params={"team": "alpha"}, headers=ADMIN).json()
+            row = next(x for x in rows["data"] if x["key"] == "alpha-app")
+            assert row["reserved_usd"] == "0" and Decimal(row["spent_usd"]) > 0
