@@ -7,8 +7,8 @@ attributes, against ~3 µs to build the same ReadableSpan at the end. The gatewa
 two spans per request and knows every attribute it sets (gateway/genai_attributes.py
 builds them from typed values), so it records them itself. What reaches processors and
 exporters is the SDK's own ReadableSpan, exactly what a live span would have produced;
-ids, sampling (parent-based, always on at the root) and trace flags follow the SDK's
-defaults.
+ids, sampling (the SDK's default inline, any other sampler asked) and trace flags follow
+the SDK.
 
 Spans made by other instrumentation (the httpx one, with `telemetry.http_spans`) still go
 through the SDK's TracerProvider and the same processor.
@@ -22,15 +22,18 @@ from typing import Any
 
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace.sampling import DEFAULT_ON, Sampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     INVALID_SPAN_ID,
     INVALID_TRACE_ID,
+    NonRecordingSpan,
     SpanContext,
     SpanKind,
     Status,
     StatusCode,
     TraceFlags,
+    set_span_in_context,
 )
 
 _UNSET = Status(StatusCode.UNSET)
@@ -54,11 +57,18 @@ class LiteTracer:
     (for the access log and the upstream traceparent)."""
 
     def __init__(
-        self, resource: Resource, scope: InstrumentationScope, processor: SpanProcessor | None
+        self,
+        resource: Resource,
+        scope: InstrumentationScope,
+        processor: SpanProcessor | None,
+        sampler: Sampler | None = None,
     ) -> None:
         self.resource = resource
         self.scope = scope
         self.processor = processor
+        # the SDK's default (parent-based, always on at the root) is decided inline; any
+        # other (OTEL_TRACES_SAMPLER, e.g. parentbased_traceidratio) is asked, as the SDK does
+        self.sampler = None if sampler is None or sampler is DEFAULT_ON else sampler
 
     def start_span(
         self,
@@ -82,6 +92,15 @@ class LiteTracer:
             sampled = True
             flags = _RANDOM
             trace_state = None
+        if self.sampler is not None:
+            result = self.sampler.should_sample(
+                set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None,
+                trace_id, name, kind, attributes,
+            )  # fmt: skip
+            sampled = result.decision.is_sampled()
+            trace_state = result.trace_state
+            if result.attributes:
+                attributes = {**(attributes or {}), **result.attributes}
         recording = sampled and self.processor is not None
         if recording:
             flags |= TraceFlags.SAMPLED

@@ -551,7 +551,10 @@ class Telemetry:
             self._tracer_provider.add_span_processor(processor)
         # the gateway's own spans (gateway/lite_spans.py); the provider serves instrumentation
         self._spans = LiteTracer(
-            self._resource, InstrumentationScope("tallygate", service_version), processor
+            self._resource,
+            InstrumentationScope("tallygate", service_version),
+            processor,
+            self._tracer_provider.sampler,
         )
 
         # logs: the access lines, when asked for and there is somewhere to send them

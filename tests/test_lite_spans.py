@@ -6,6 +6,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
     NonRecordingSpan,
@@ -133,3 +134,38 @@ def test_the_same_span_as_the_sdk_makes() -> None:
     )
     assert ours.instrumentation_scope.name == theirs.instrumentation_scope.name
     assert ours.instrumentation_scope.version == theirs.instrumentation_scope.version
+
+
+def test_a_configured_sampler_is_asked() -> None:
+    exporter = InMemorySpanExporter()
+    processor = SimpleSpanProcessor(exporter)
+    never = LiteTracer(RESOURCE, SCOPE, processor, ParentBased(TraceIdRatioBased(0.0)))
+    root = never.start_span("r", parent=None, kind=SpanKind.SERVER, attributes=ATTRS,
+                            start_time=1)  # fmt: skip
+    assert not root.is_recording() and root.get_span_context().is_valid
+    # parent-based: a sampled remote parent is followed whatever the root ratio
+    child = never.start_span("c", parent=REMOTE, kind=SpanKind.CLIENT, attributes=None,
+                             start_time=1)  # fmt: skip
+    assert child.is_recording() and child.get_span_context().trace_flags.sampled
+    root.end(end_time=2)
+    child.end(end_time=2)
+    assert [s.name for s in exporter.get_finished_spans()] == ["c"]
+
+
+def test_telemetry_honours_otel_traces_sampler(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import io
+
+    from gateway.telemetry import Telemetry, TelemetryConfig
+    from tests.test_telemetry import request, serve
+
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "0")
+    spans = InMemorySpanExporter()
+    tel = Telemetry.create(
+        TelemetryConfig(exporter="none"), service_version="t", span_exporter=spans,
+        access_log=io.StringIO(),
+    )  # fmt: skip
+    ctx = request()
+    serve(tel, ctx, {})
+    assert spans.get_finished_spans() == ()  # sampled out at the root
+    assert ctx.trace.span.get_span_context().is_valid  # still ids for the access log
