@@ -9,7 +9,7 @@ evenly spread, no GIL fight) with the fast wire encoder, and the export thread o
 bytes and sends them, mostly waiting on the socket with the GIL released.
 
 Same contract as BatchSpanProcessor: a bounded queue (what does not fit is dropped and
-counted), a batch goes out when it is full or every `schedule_delay_s`, force_flush and
+counted; the oldest goes first), a batch goes out when it is full or every `schedule_delay_s`, force_flush and
 shutdown send what is queued. A span the fast encoder cannot encode goes through the
 exporter's official path.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -51,8 +52,9 @@ class EncodedSpanProcessor(SpanProcessor):
         self._delay = schedule_delay_s
         self._encoder = SpanEncoder()
         self._lock = threading.Lock()
-        # (resource, scope, encoded bytes) or, when the fast encoder failed, the span itself
-        self._queue: list[tuple[Any, Any, bytes] | ReadableSpan] = []
+        # (resource, scope, encoded bytes) or, when the fast encoder failed, the span itself;
+        # full, it drops its oldest (as the SDK's batch processor does)
+        self._queue: deque[tuple[Any, Any, bytes] | ReadableSpan] = deque(maxlen=max_queue_size)
         self._wake = threading.Event()
         self._idle = threading.Condition(self._lock)
         self._busy = False  # the worker holds a taken batch it has not sent yet
@@ -77,14 +79,10 @@ class EncodedSpanProcessor(SpanProcessor):
             item = span
         with self._lock:
             queued = len(self._queue)
-            if queued >= self._max_queue:
-                full = True
-            else:
-                full = False
-                self._queue.append(item)
-        if full:
+            self._queue.append(item)
+        if queued >= self._max_queue:
             self._on_drop(1)
-        elif queued + 1 >= self._batch_size:
+        if queued + 1 >= self._batch_size:
             self._wake.set()
 
     # -- the export thread --
@@ -104,8 +102,8 @@ class EncodedSpanProcessor(SpanProcessor):
                     self._busy = False
                     self._idle.notify_all()
                     return
-                taken = self._queue[: self._batch_size]
-                del self._queue[: self._batch_size]
+                queue = self._queue
+                taken = [queue.popleft() for _ in range(min(self._batch_size, len(queue)))]
                 self._busy = True
             try:
                 self._send(taken)

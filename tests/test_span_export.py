@@ -113,6 +113,9 @@ def test_a_full_queue_drops_and_counts_while_an_export_is_stuck() -> None:
     gate.set()
     assert processor.force_flush(5000)
     assert [count for _, count in exporter.encoded] == [3, 3]
+    second = ExportTraceServiceRequest.FromString(exporter.encoded[1][0])
+    names = [s.name for s in second.resource_spans[0].scope_spans[0].spans]
+    assert names == ["s2", "s3", "s4"]  # the oldest two of the second wave were dropped
     provider.shutdown()
 
 
