@@ -8,8 +8,8 @@ I/O). On the bench that made the gateway's p99 at concurrency 1 ~10 ms where its
 evenly spread, no GIL fight) with the fast wire encoder, and the export thread only joins
 bytes and sends them, mostly waiting on the socket with the GIL released.
 
-Same contract as BatchSpanProcessor: a bounded queue (what does not fit is dropped and
-counted; the oldest goes first), a batch goes out when it is full or every `schedule_delay_s`, force_flush and
+Same contract as BatchSpanProcessor: a bounded queue (full, it drops its oldest span and
+counts it), a batch goes out when it is full or every `schedule_delay_s`, force_flush and
 shutdown send what is queued. A span the fast encoder cannot encode goes through the
 exporter's official path.
 """

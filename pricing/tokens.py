@@ -219,9 +219,17 @@ class TokenCounter:
 
 def _lean(encoding: tiktoken.Encoding) -> tiktoken.Encoding:
     """Drop the Python copy of the rank table (o200k: 200k bytes → int, ~30 MB). tiktoken
-    keeps it only to pickle the Encoding; the Rust core encodes from its own copy."""
-    if isinstance(getattr(encoding, "_mergeable_ranks", None), dict):
+    (0.14) keeps it only to pickle the Encoding; the Rust core encodes from its own copy.
+    Should a release encode from it, the table is put back."""
+    ranks = getattr(encoding, "_mergeable_ranks", None)
+    if isinstance(ranks, dict) and ranks:
         encoding._mergeable_ranks = {}
+        try:
+            ok = encoding.decode(encoding.encode_ordinary("lean check ✓")) == "lean check ✓"
+        except Exception:
+            ok = False
+        if not ok:
+            encoding._mergeable_ranks = ranks
     return encoding
 
 
