@@ -45,7 +45,6 @@ from opentelemetry.sdk.metrics.export import (
     MetricReader,
     PeriodicExportingMetricReader,
 )
-from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -74,6 +73,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from gateway import genai_attributes as gen
 from gateway.access_log import AccessLog, access_record
 from gateway.context import Attempt, RequestContext
+from gateway.histograms import Histograms
 from gateway.lite_spans import LiteSpan, LiteTracer
 from gateway.prometheus import MetricSpec, PrometheusMetrics, prepare_multiprocess
 from gateway.telemetry_export import (
@@ -462,22 +462,18 @@ class Telemetry:
                     export_timeout_millis=timeout_ms,
                 )
             )
-        views = [
-            View(
-                instrument_name=spec.name,
-                aggregation=ExplicitBucketHistogramAggregation(boundaries=spec.buckets),
-            )
-            for spec in METRICS
-            if spec.buckets
-        ]
+        # histograms are aggregated by gateway/histograms.py and added to each collection
+        scope = InstrumentationScope("tallygate", service_version)
+        histograms = Histograms(METRICS, self._resource, scope)
         # no exemplars: at finish_request no span is current, and the filter costs µs
         self._meter_provider = MeterProvider(
             metric_readers=readers,
             resource=self._resource,
-            views=views,
             exemplar_filter=AlwaysOffExemplarFilter(),
             shutdown_on_exit=False,
         )
+        for reader in readers:
+            histograms.attach(reader)
         self.prometheus = PrometheusMetrics(METRICS, workers=workers) if config.prometheus else None
         meter = self._meter_provider.get_meter("tallygate", service_version)
         self._instruments: dict[str, Any] = {}
@@ -490,10 +486,9 @@ class Telemetry:
                 )
                 self._instruments[spec.name] = counter
             else:
-                histogram = meter.create_histogram(spec.name, spec.unit, spec.description)
-                # without a reader the SDK would still validate every measurement
+                # without a reader, nothing to aggregate for
                 self._instruments[spec.name] = _Histogram(
-                    histogram.record if readers else None, prom
+                    histograms.recorder(spec.name) if readers else None, prom
                 )
         i = self._instruments
         self._m_duration = i[gm.GEN_AI_CLIENT_OPERATION_DURATION]
@@ -552,7 +547,7 @@ class Telemetry:
         # the gateway's own spans (gateway/lite_spans.py); the provider serves instrumentation
         self._spans = LiteTracer(
             self._resource,
-            InstrumentationScope("tallygate", service_version),
+            scope,
             processor,
             self._tracer_provider.sampler,
         )
