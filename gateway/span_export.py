@@ -47,7 +47,6 @@ class EncodedSpanProcessor(SpanProcessor):
         self._exporter = exporter
         self._health = health
         self._on_drop = on_drop
-        self._max_queue = max_queue_size
         self._batch_size = max(1, min(max_export_batch_size, max_queue_size))
         self._delay = schedule_delay_s
         self._encoder = SpanEncoder()
@@ -80,7 +79,7 @@ class EncodedSpanProcessor(SpanProcessor):
         with self._lock:
             queued = len(self._queue)
             self._queue.append(item)
-        if queued >= self._max_queue:
+        if queued == self._queue.maxlen:  # it pushed out the oldest
             self._on_drop(1)
         if queued + 1 >= self._batch_size:
             self._wake.set()

@@ -545,11 +545,12 @@ class Telemetry:
         if processor is not None:
             self._tracer_provider.add_span_processor(processor)
         # the gateway's own spans (gateway/lite_spans.py); the provider serves instrumentation
+        # (nothing to record for: no sampler to ask per span either)
         self._spans = LiteTracer(
             self._resource,
             scope,
             processor,
-            self._tracer_provider.sampler,
+            self._tracer_provider.sampler if processor is not None else None,
         )
 
         # logs: the access lines, when asked for and there is somewhere to send them
