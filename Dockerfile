@@ -5,6 +5,7 @@ COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY policies ./policies
 COPY pricing ./pricing
+COPY tiktoken_ext ./tiktoken_ext
 RUN pip wheel --no-cache-dir --wheel-dir /wheels .
 
 FROM python:3.11-slim
@@ -13,9 +14,10 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
 WORKDIR /app
 COPY config.yaml /app/config.yaml
-# tiktoken caches its encodings here; mount a volume (or bake them in) for offline hosts
-ENV TIKTOKEN_CACHE_DIR=/app/.tiktoken TALLYGATE_CONFIG=/app/config.yaml PYTHONUNBUFFERED=1
-RUN mkdir -p /app/.tiktoken /app/data && chown -R tallygate /app
+# the tokenizer encodings come with the wheel (pricing/encodings, tiktoken_ext): nothing to
+# download or mount
+ENV TALLYGATE_CONFIG=/app/config.yaml PYTHONUNBUFFERED=1
+RUN mkdir -p /app/data && chown -R tallygate /app
 USER tallygate
 EXPOSE 4000
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:4000/healthz').status != 200)"

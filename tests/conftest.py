@@ -1,19 +1,13 @@
-"""Shared fixtures: the environment for offline runs, and the fake upstream provider."""
+"""Shared fixtures: the fake upstream provider and a gateway config in front of it."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.fake_upstream import FakeUpstream
-
-# tiktoken cannot download its encodings here: use the checked-in copy beside the repo.
-_TIKTOKEN_CACHE = Path(__file__).resolve().parent.parent.parent / "shared" / "tiktoken-cache"
-if _TIKTOKEN_CACHE.is_dir():
-    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(_TIKTOKEN_CACHE))
 
 
 @pytest.fixture(scope="session")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import httpx
 import openai
-import tiktoken
 
+from pricing.encodings import get_encoding
 from tests.fake_upstream import FakeUpstream, Stream, chat_chunk
 from tests.gateway_harness import KEYS, UPSTREAM_KEY, RunningGateway
 
@@ -133,7 +133,7 @@ def test_mock_provider_non_stream_and_stream(gateway: RunningGateway) -> None:
     assert reply.usage is not None and reply.usage.completion_tokens == 3
     # the mock counts the prompt with tiktoken as OpenAI's cookbook does: 3 per message,
     # its role and content, and 3 to prime the reply
-    enc = tiktoken.get_encoding("o200k_base")
+    enc = get_encoding("o200k_base")
     per_message = sum(
         3 + len(enc.encode(m["role"])) + len(enc.encode(m["content"])) for m in messages
     )

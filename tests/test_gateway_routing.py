@@ -9,8 +9,8 @@ import time
 import httpx
 import openai
 import pytest
-import tiktoken
 
+from pricing.encodings import get_encoding
 from tests.fake_upstream import Close, FakeUpstream, Reply, Stream, chat_chunk, error_reply
 from tests.gateway_harness import KEYS, RunningGateway, merge, running_gateway
 from tests.servers import free_port, wait_until
@@ -167,7 +167,7 @@ def test_mid_stream_drop_is_not_retried_and_ends_with_an_error_event(
     assert len(fake_upstream.requests) == 1  # nothing retried after the first byte
     wait_until(lambda: bool(gateway.log.getvalue()), within=5)
     line = gateway.access_lines()[-1]
-    expected = len(tiktoken.get_encoding("o200k_base").encode("partial answer "))
+    expected = len(get_encoding("o200k_base").encode("partial answer "))
     assert line["output_tokens"] == expected and line["tokens_estimated"] is True
 
 
