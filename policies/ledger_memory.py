@@ -11,6 +11,10 @@ in batches: spend to add per scope and period (``deltas``), and reservations tha
 found in the file at start and have since ended (``releases``). Reservations made here
 are never written while they run; the store hands the outstanding ones to the file only
 on a graceful close.
+
+Spent and reserved saturate within [0, MAX_LEDGER_NANO], like the file's columns. When the
+store rejects a batch's data (``RejectedWrite``), its rows are written one by one, so one
+bad row never blocks the others; a row rejected ``ROW_ATTEMPTS`` times is logged and dropped.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-from policies.store import BudgetRejection, BudgetScope, Reservation, SpendRow
+from policies.store import MAX_LEDGER_NANO, BudgetRejection, BudgetScope, Reservation, SpendRow
 
 Key = tuple[str, str]  # (scope_id, period_key)
 FileReservation = tuple[str, str, str, int, float]  # a row of the file's reservations table
@@ -31,9 +35,22 @@ FileReservation = tuple[str, str, str, int, float]  # a row of the file's reserv
 Writer = Callable[[dict[Key, int], set[str], Sequence[FileReservation]], Awaitable[None]]
 
 SETTLED_MEMORY = 100_000  # settle is idempotent for the request ids of the last this many settles
+ROW_ATTEMPTS = 3  # a row the store rejects this many times is dropped (logged), not retried
 _FAILURE_LOG_EVERY_S = 10.0  # a failing flusher logs at most this often
 
 log = logging.getLogger("tallygate.store")
+
+
+class RejectedWrite(Exception):
+    """Raised by a Writer when the store refused the data itself (a value it cannot hold),
+    not because it is unreachable: retrying the same rows will fail again, so the ledger
+    writes them one by one and drops the ones that keep failing. Any other exception is
+    taken as a transient failure: everything stays queued."""
+
+
+# What one write of the row-by-row fallback carries: the key its failures are counted by
+# (a Key for spend, a request id for a release, None for the reservations handed over).
+_Piece = tuple[Key | str | None, dict[Key, int], set[str], Sequence[FileReservation]]
 
 
 class MemoryLedger:
@@ -57,6 +74,7 @@ class MemoryLedger:
         self._stop = asyncio.Event()
         self._write_failures = 0
         self._failure_logged_at = -math.inf
+        self._rejections: dict[Key | str, int] = {}  # rows the store rejected: how often
 
     # filling from the file
 
@@ -69,11 +87,12 @@ class MemoryLedger:
         """What start() read: spent per scope and period, the file's reservations (they
         are adopted, and released in the file when they end) and recent settled ids."""
         for scope_id, period_key, spent_nano in spent:
-            self.rows[(scope_id, period_key)] = [spent_nano, 0, 1]
+            self.rows[(scope_id, period_key)] = [min(spent_nano, MAX_LEDGER_NANO), 0, 1]
         held: dict[str, tuple[float, list[tuple[Key, int]]]] = {}
         for request_id, scope_id, period_key, amount, expires_at in reservations:
             key = (scope_id, period_key)
-            self.rows.setdefault(key, [0, 0, 1])[1] += amount
+            row = self.rows.setdefault(key, [0, 0, 1])
+            row[1] = min(row[1] + amount, MAX_LEDGER_NANO)
             expires, holds = held.get(request_id, (expires_at, []))
             holds.append((key, amount))
             held[request_id] = (min(expires, expires_at), holds)
@@ -92,7 +111,7 @@ class MemoryLedger:
         for key in keys:
             if key not in self.rows:
                 found = spent.get(key)
-                self.rows[key] = [0, 0, 0] if found is None else [found, 0, 1]
+                self.rows[key] = [0, 0, 0] if found is None else [min(found, MAX_LEDGER_NANO), 0, 1]
 
     # budgets
 
@@ -104,7 +123,7 @@ class MemoryLedger:
         amount: int,
         now: float,
     ) -> Reservation | BudgetRejection:
-        """All of ``keys`` must be in ``rows``."""
+        """All of ``keys`` must be in ``rows``; ``amount`` within [0, MAX_AMOUNT_NANO]."""
         if request_id in self._live or request_id in self._inherited or request_id in self._settled:
             raise ValueError(f"request id {request_id!r} was already reserved")
         self.expire(now)
@@ -117,14 +136,15 @@ class MemoryLedger:
                     return BudgetRejection(scope, spent, reserved, amount)
         for key in keys:
             row = rows[key]
-            row[1] += amount
+            held = row[1] + amount  # saturates; a conditional, not min(): the hot path
+            row[1] = held if held < MAX_LEDGER_NANO else MAX_LEDGER_NANO
             row[2] = 1
         self._live[request_id] = (now + self.ttl, keys, amount)
         return Reservation(request_id, scopes, amount)
 
     def settle(self, request_id: str, keys: tuple[Key, ...], actual: int) -> None:
-        """All of ``keys`` must be in ``rows``. A reservation already expired and released
-        only gets its spend added."""
+        """All of ``keys`` must be in ``rows``; ``actual`` within [0, MAX_AMOUNT_NANO]. A
+        reservation already expired and released only gets its spend added."""
         if request_id in self._settled:
             return
         rows = self.rows
@@ -132,17 +152,22 @@ class MemoryLedger:
         if live is not None:
             _, held_keys, amount = live
             for key in held_keys:
-                rows[key][1] -= amount
+                row = rows[key]
+                held = row[1] - amount
+                row[1] = held if held > 0 else 0  # see _release
         elif (inherited := self._inherited.pop(request_id, None)) is not None:
             for key, amount in inherited[1]:
-                rows[key][1] -= amount
+                _release(rows[key], amount)
             self.releases.add(request_id)
         deltas = self.deltas
         for key in keys:
             row = rows[key]
-            row[0] += actual
+            spent = row[0] + actual
+            row[0] = spent if spent < MAX_LEDGER_NANO else MAX_LEDGER_NANO
             row[2] = 1
-            deltas[key] = deltas.get(key, 0) + actual  # 0 too: the file gets the row
+            # 0 too: the file gets the row. Capped like the file's column, which saturates there.
+            delta = deltas.get(key, 0) + actual
+            deltas[key] = delta if delta < MAX_LEDGER_NANO else MAX_LEDGER_NANO
         self._remember(request_id)
         self._wake.set()
 
@@ -156,13 +181,13 @@ class MemoryLedger:
                 break
             del live[request_id]
             for key in keys:
-                rows[key][1] -= amount
+                _release(rows[key], amount)
         if now >= self._inherited_next:
             for request_id, (expires_at, holds) in list(self._inherited.items()):
                 if expires_at <= now:
                     del self._inherited[request_id]
                     for key, amount in holds:
-                        rows[key][1] -= amount
+                        _release(rows[key], amount)
                     self.releases.add(request_id)
                     self._wake.set()
             self._inherited_next = min((e for e, _ in self._inherited.values()), default=math.inf)
@@ -207,7 +232,12 @@ class MemoryLedger:
                     async with asyncio.timeout(interval_s):
                         await stop.wait()
             wake.clear()  # what is queued from here on wakes the next round
-            if not await self.flush(write):
+            try:
+                written = await self.flush(write)
+            except Exception:  # a bug on the error path must not end the flusher
+                log.exception("the store flusher failed; retrying at the next flush")
+                written = False
+            if not written:
                 wake.set()
 
     def stop_flushing(self) -> None:
@@ -219,38 +249,122 @@ class MemoryLedger:
         self, write: Writer, outstanding: Sequence[FileReservation] = (), *, final: bool = False
     ) -> bool:
         """Write what is queued (and ``outstanding``) in one transaction, when there is
-        something. On failure keep it all queued for the next attempt, log, return False."""
+        something. If the store rejects the data, write row by row (``_flush_rows``). On
+        any other failure keep it all queued for the next attempt, log, return False."""
         if not (self.deltas or self.releases or outstanding):
             return True
         deltas, releases = self.take_pending()
         try:
             await write(deltas, releases, outstanding)
+        except RejectedWrite:
+            return await self._flush_rows(write, deltas, releases, outstanding, final)
         except Exception as exc:  # the flusher must survive anything, and drop nothing
             self.requeue(deltas, releases)
-            self._write_failures += 1
-            now = time.monotonic()
-            if final:
-                unsaved = {f"{s} {p}": n for (s, p), n in self.deltas.items() if n}
-                log.error(
-                    "closing the store without writing: %s; spend lost (nano-USD per scope "
-                    "and period): %s; reservations not handed over: %d",
-                    exc,
-                    unsaved,
-                    len({row[0] for row in outstanding}),
-                )
-            elif now - self._failure_logged_at >= _FAILURE_LOG_EVERY_S:
-                self._failure_logged_at = now
-                log.error(
-                    "could not write spend to the store (%d attempts so far; kept in memory, "
-                    "retried at the next flush): %s",
-                    self._write_failures,
-                    exc,
-                )
+            self._failed(exc, outstanding, final)
             return False
+        if self._rejections:
+            self._forget_rejections([*deltas, *releases])
+        self._recovered()
+        return True
+
+    async def _flush_rows(
+        self,
+        write: Writer,
+        deltas: dict[Key, int],
+        releases: set[str],
+        outstanding: Sequence[FileReservation],
+        final: bool,
+    ) -> bool:
+        """After the store rejected a batch: each spend row, each release and the hand-over
+        in a transaction of its own, so one bad row cannot block the others. A rejected
+        row is queued again until it was rejected ROW_ATTEMPTS times, then dropped (logged
+        once). A transient failure stops the round: the rest stays queued."""
+        pieces: list[_Piece] = [(key, {key: amount}, set(), ()) for key, amount in deltas.items()]
+        pieces += [(request_id, {}, {request_id}, ()) for request_id in releases]
+        if outstanding:
+            pieces.append((None, {}, set(), outstanding))
+        retry: Exception | None = None  # the last rejection of a row still queued
+        unsent: Sequence[FileReservation] = ()
+        for i, (label, piece_deltas, piece_releases, piece_outstanding) in enumerate(pieces):
+            try:
+                await write(piece_deltas, piece_releases, piece_outstanding)
+            except RejectedWrite as exc:
+                if label is None:  # handed over again by the next close attempt
+                    retry, unsent = exc, piece_outstanding
+                elif not self._reject(label, piece_deltas, exc):
+                    self.requeue(piece_deltas, piece_releases)
+                    retry = exc
+            except Exception as exc:
+                for _, rest_deltas, rest_releases, _ in pieces[i:]:
+                    self.requeue(rest_deltas, rest_releases)
+                self._failed(exc, outstanding, final)
+                return False
+            else:
+                if label is not None:
+                    self._rejections.pop(label, None)
+        if retry is not None:
+            self._failed(retry, unsent, final)
+            return False
+        self._recovered()
+        return True
+
+    def _reject(self, label: Key | str, piece_deltas: dict[Key, int], exc: Exception) -> bool:
+        """Count one rejection of a row; True when it is dropped (logged here, once)."""
+        count = self._rejections.get(label, 0) + 1
+        if count < ROW_ATTEMPTS:
+            self._rejections[label] = count
+            return False
+        self._rejections.pop(label, None)
+        if isinstance(label, tuple):
+            log.error(
+                "dropping spend the store rejected %d times: scope %s period %s amount %r "
+                "nano-USD (kept in memory until restart, not in the store): %s",
+                count,
+                label[0],
+                label[1],
+                piece_deltas[label],
+                exc,
+            )
+        else:
+            log.error(
+                "dropping the release of reservation %s the store rejected %d times "
+                "(it expires in the store instead): %s",
+                label,
+                count,
+                exc,
+            )
+        return True
+
+    def _forget_rejections(self, labels: Iterable[Key | str]) -> None:
+        for label in labels:
+            self._rejections.pop(label, None)
+
+    def _failed(self, exc: Exception, outstanding: Sequence[FileReservation], final: bool) -> None:
+        """Count and log a failed write (at most every _FAILURE_LOG_EVERY_S, except the last)."""
+        self._write_failures += 1
+        now = time.monotonic()
+        if final:
+            unsaved = {f"{s} {p}": n for (s, p), n in self.deltas.items() if n}
+            log.error(
+                "closing the store without writing: %s; spend lost (nano-USD per scope "
+                "and period): %s; reservations not handed over: %d",
+                exc,
+                unsaved,
+                len({row[0] for row in outstanding}),
+            )
+        elif now - self._failure_logged_at >= _FAILURE_LOG_EVERY_S:
+            self._failure_logged_at = now
+            log.error(
+                "could not write spend to the store (%d attempts so far; kept in memory, "
+                "retried at the next flush): %s",
+                self._write_failures,
+                exc,
+            )
+
+    def _recovered(self) -> None:
         if self._write_failures:
             log.warning("store writes work again after %d failures", self._write_failures)
             self._write_failures = 0
-        return True
 
     def take_pending(self) -> tuple[dict[Key, int], set[str]]:
         deltas, releases = self.deltas, self.releases
@@ -259,8 +373,10 @@ class MemoryLedger:
 
     def requeue(self, deltas: dict[Key, int], releases: set[str]) -> None:
         """Put back what could not be written, merged with what was queued meanwhile."""
+        queued = self.deltas
         for key, amount in deltas.items():
-            self.deltas[key] = self.deltas.get(key, 0) + amount
+            # no cap here: a value the store rejected must stay recognisable as one
+            queued[key] = queued[key] + amount if key in queued else amount
         self.releases |= releases
 
     def outstanding(self, now: float) -> list[FileReservation]:
@@ -277,3 +393,8 @@ class MemoryLedger:
             self._settled.discard(self._settled_order.popleft())
         self._settled.add(request_id)
         self._settled_order.append(request_id)
+
+
+def _release(row: list[int], amount: int) -> None:
+    """Give back what a reservation held; never below 0 (reserved saturates at the top)."""
+    row[1] = max(row[1] - amount, 0)

@@ -2,16 +2,28 @@
 
 Backends: ``policies.store_local.LocalStore`` (SQLite ledger + windows) and
 ``policies.store_redis.RedisStore`` (Lua scripts). Both pass ``tests/test_store_contract.py``.
-Money is integer nano-USD throughout.
+Money is integer nano-USD throughout, within the bounds below.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from policies.config import StoreConfig
+
+# The most one reservation or one settlement may carry: $1,000,000. reserve() refuses more
+# (ValueError, a caller bug), settle() clamps to it: one absurd usage report (10^18 tokens)
+# must not become a number SQLite or Redis cannot hold.
+MAX_AMOUNT_NANO = 10**15
+# Spent and reserved per scope and period saturate here (~$4.6B): far below int64's 2^63,
+# so no sum of a row and one amount (<= MAX_AMOUNT_NANO) can overflow SQLite or Redis.
+# Budget limits stay below it (BudgetConfig.limit_usd <= $1B).
+MAX_LEDGER_NANO = 2**62
+
+log = logging.getLogger("tallygate.store")
 
 
 class StoreError(Exception):
@@ -100,12 +112,15 @@ class Store(Protocol):
     ) -> Reservation | BudgetRejection:
         """Atomically: if every limited scope has spent + reserved + amount <= limit, add
         amount to each scope's reserved and remember the reservation (it expires after
-        reservation_ttl_s); else change nothing and return the first scope that refused."""
+        reservation_ttl_s); else change nothing and return the first scope that refused.
+        ValueError (nothing changed) when amount is outside [0, MAX_AMOUNT_NANO]."""
         ...
 
     async def settle(self, reservation: Reservation, actual_nano: int) -> None:
         """Replace the reservation by the actual cost: reserved -= amount, spent += actual.
-        Idempotent per request_id; if the reservation already expired, spend is still added."""
+        Idempotent per request_id; if the reservation already expired, spend is still added.
+        ``actual_nano`` is clamped into [0, MAX_AMOUNT_NANO] (see clamp_actual); spent and
+        reserved saturate within [0, MAX_LEDGER_NANO]."""
         ...
 
     async def rate_acquire(self, scopes: tuple[RateScope, ...], tokens: int) -> RateDecision:
@@ -126,6 +141,28 @@ class Store(Protocol):
         in order, zeros when nothing is recorded yet; expired reservations not counted.
         Cheap (no scan), unlike spend(): for the remaining budget of every request."""
         ...
+
+
+def check_reserve_amount(amount_nano: int) -> None:
+    """A reservation outside [0, MAX_AMOUNT_NANO] is a caller bug: refused before any change."""
+    if not 0 <= amount_nano <= MAX_AMOUNT_NANO:
+        raise ValueError(f"amount_nano must be within [0, {MAX_AMOUNT_NANO}], got {amount_nano}")
+
+
+def clamp_actual(request_id: str, actual_nano: int) -> int:
+    """The cost settle() records: ``actual_nano`` clamped into [0, MAX_AMOUNT_NANO], with one
+    warning when clamped (the request was served: its spend is recorded at the bound)."""
+    if 0 <= actual_nano <= MAX_AMOUNT_NANO:
+        return actual_nano
+    clamped = 0 if actual_nano < 0 else MAX_AMOUNT_NANO
+    log.warning(
+        "settle %s: actual cost %s nano-USD is outside [0, %d]; recorded as %d",
+        request_id,
+        actual_nano,
+        MAX_AMOUNT_NANO,
+        clamped,
+    )
+    return clamped
 
 
 def open_store(config: StoreConfig, *, processes: int = 1) -> Store:

@@ -14,7 +14,9 @@ the event loop. Two modes, chosen by ``processes``:
   check-then-reserve is atomic against every other connection to the file. Rate windows
   (GCRA, see ``policies.ratelimit``) live in the same file.
 
-Both modes keep one schema, so either can open a file the other wrote.
+Both modes keep one schema, so either can open a file the other wrote. Amounts are
+bounded (``policies.store``): spent and reserved saturate within [0, MAX_LEDGER_NANO] in
+SQL too, so no write can overflow SQLite's int64.
 """
 
 from __future__ import annotations
@@ -29,9 +31,17 @@ from typing import Any, TypeVar
 
 from policies.budget import current_period
 from policies.config import StoreConfig
-from policies.ledger_memory import SETTLED_MEMORY, FileReservation, Key, MemoryLedger, Writer
+from policies.ledger_memory import (
+    SETTLED_MEMORY,
+    FileReservation,
+    Key,
+    MemoryLedger,
+    RejectedWrite,
+    Writer,
+)
 from policies.ratelimit import Bucket, RateWindows, empty_at, gcra_add_tokens, gcra_decide
 from policies.store import (
+    MAX_LEDGER_NANO,
     BudgetRejection,
     BudgetScope,
     RateDecision,
@@ -39,6 +49,8 @@ from policies.store import (
     Reservation,
     SpendRow,
     StoreError,
+    check_reserve_amount,
+    clamp_actual,
 )
 
 T = TypeVar("T")
@@ -78,25 +90,55 @@ CREATE TABLE IF NOT EXISTS rate_buckets (
 ) WITHOUT ROWID;
 """
 
-_ADD_RESERVED = """
-INSERT INTO ledger (scope_id, period_key, reserved_nano) VALUES (?, ?, ?)
-ON CONFLICT (scope_id, period_key) DO UPDATE SET reserved_nano = reserved_nano + excluded.reserved_nano
+
+def _plus(column: str, param: str) -> str:
+    """``column + param`` saturating at MAX_LEDGER_NANO, for 0 <= param <= MAX_LEDGER_NANO:
+    compared against MAX - param first, so the sum is never computed where it could overflow
+    (SQLite would turn it into a REAL)."""
+    return (
+        f"CASE WHEN {column} >= {MAX_LEDGER_NANO} - {param} THEN {MAX_LEDGER_NANO} "
+        f"ELSE {column} + {param} END"
+    )
+
+
+def _minus(column: str, param: str) -> str:
+    """``column - param`` floored at 0 (reserved saturates at the top, so never below 0)."""
+    return f"MAX({column} - {param}, 0)"
+
+
+_ADD_RESERVED = f"""
+INSERT INTO ledger (scope_id, period_key, reserved_nano) VALUES (?1, ?2, ?3)
+ON CONFLICT (scope_id, period_key) DO UPDATE SET reserved_nano = {_plus("reserved_nano", "?3")}
 """
-_SETTLE_SCOPE = """
-INSERT INTO ledger (scope_id, period_key, spent_nano, reserved_nano) VALUES (?1, ?2, ?3, -?4)
+_SETTLE_SCOPE = f"""
+INSERT INTO ledger (scope_id, period_key, spent_nano, reserved_nano) VALUES (?1, ?2, ?3, 0)
 ON CONFLICT (scope_id, period_key) DO UPDATE
-SET spent_nano = spent_nano + ?3, reserved_nano = reserved_nano - ?4
+SET spent_nano = {_plus("spent_nano", "?3")}, reserved_nano = {_minus("reserved_nano", "?4")}
 """
-_ADD_SPENT = """
-INSERT INTO ledger (scope_id, period_key, spent_nano) VALUES (?, ?, ?)
-ON CONFLICT (scope_id, period_key) DO UPDATE SET spent_nano = spent_nano + excluded.spent_nano
+_ADD_SPENT = f"""
+INSERT INTO ledger (scope_id, period_key, spent_nano) VALUES (?1, ?2, ?3)
+ON CONFLICT (scope_id, period_key) DO UPDATE SET spent_nano = {_plus("spent_nano", "?3")}
 """
+_RELEASE = f"""
+UPDATE ledger SET reserved_nano = {_minus("reserved_nano", "?1")} WHERE scope_id = ?2 AND period_key = ?3
+"""
+# What the store cannot hold (a Python int beyond int64, an unsupported type, a NULL from a
+# NaN): a rejection of the data, not of the file; see RejectedWrite.
+_REJECTED = (
+    OverflowError,
+    TypeError,
+    ValueError,
+    sqlite3.InterfaceError,
+    sqlite3.ProgrammingError,
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+)
 _SET_BUCKET = "INSERT OR REPLACE INTO rate_buckets VALUES (?, ?, ?, ?, ?)"
 _BALANCE = """
 SELECT
     COALESCE((SELECT spent_nano FROM ledger WHERE scope_id = ?1 AND period_key = ?2), 0),
     COALESCE((SELECT reserved_nano FROM ledger WHERE scope_id = ?1 AND period_key = ?2), 0),
-    (SELECT COALESCE(SUM(amount_nano), 0) FROM reservations
+    (SELECT TOTAL(amount_nano) FROM reservations
      WHERE scope_id = ?1 AND period_key = ?2 AND expires_at <= ?3)
 """
 _PURGE_SETTLED_EVERY = 256  # forget old settle tombstones every this many settles (per process)
@@ -184,8 +226,7 @@ class LocalStore:
         self, request_id: str, scopes: tuple[BudgetScope, ...], amount_nano: int
     ) -> Reservation | BudgetRejection:
         _check_scopes(scopes)
-        if amount_nano < 0:
-            raise ValueError("amount_nano must be >= 0")
+        check_reserve_amount(amount_nano)
         if not self._owner:
             return await self._run(self._reserve, request_id, scopes, amount_nano, self._clock())
         keys = _keys(scopes)
@@ -194,8 +235,7 @@ class LocalStore:
         return mem.reserve(request_id, scopes, keys, amount_nano, self._clock())
 
     async def settle(self, reservation: Reservation, actual_nano: int) -> None:
-        if actual_nano < 0:
-            raise ValueError("actual_nano must be >= 0")
+        actual_nano = clamp_actual(reservation.request_id, actual_nano)
         if not self._owner:
             await self._run(self._settle, reservation, actual_nano, self._clock())
             return
@@ -408,7 +448,7 @@ class LocalStore:
             spent, reserved, expired = conn.execute(
                 _BALANCE, (s.scope_id, s.period_key, now)
             ).fetchone()
-            rows.append(SpendRow(s.scope_id, s.period_key, spent, reserved - expired))
+            rows.append(SpendRow(s.scope_id, s.period_key, spent, max(reserved - int(expired), 0)))
         return rows
 
     # one process (worker thread side): load, read missing rows, write back
@@ -457,11 +497,7 @@ class LocalStore:
                     "RETURNING amount_nano, scope_id, period_key",
                     (request_id,),
                 ).fetchall()
-                conn.executemany(
-                    "UPDATE ledger SET reserved_nano = reserved_nano - ? "
-                    "WHERE scope_id = ? AND period_key = ?",
-                    held,
-                )
+                conn.executemany(_RELEASE, held)
             conn.executemany(_ADD_SPENT, [(*key, amount) for key, amount in deltas.items()])
             for row in outstanding:
                 if conn.execute(
@@ -469,7 +505,10 @@ class LocalStore:
                 ).rowcount:
                     conn.execute(_ADD_RESERVED, row[1:4])
 
-        self._transaction(tx)
+        try:
+            self._transaction(tx)
+        except _REJECTED as exc:  # rolled back; the ledger retries row by row
+            raise RejectedWrite(f"{type(exc).__name__}: {exc}") from exc
 
     def _read_buckets(
         self, conn: sqlite3.Connection, scopes: tuple[RateScope, ...]
@@ -517,15 +556,13 @@ class LocalStore:
 def _release_expired(conn: sqlite3.Connection, scope_id: str, period_key: str, now: float) -> None:
     """Crash recovery: give back what expired reservations of one scope+period still hold."""
     where = "scope_id = ? AND period_key = ? AND expires_at <= ?"
+    # TOTAL(), a float, cannot overflow like SUM(); exact below 2^53, and saturated anyway above
     count, total = conn.execute(
-        f"SELECT COUNT(*), COALESCE(SUM(amount_nano), 0) FROM reservations WHERE {where}",
+        f"SELECT COUNT(*), TOTAL(amount_nano) FROM reservations WHERE {where}",
         (scope_id, period_key, now),
     ).fetchone()
     if count:
-        conn.execute(
-            "UPDATE ledger SET reserved_nano = reserved_nano - ? WHERE scope_id = ? AND period_key = ?",
-            (total, scope_id, period_key),
-        )
+        conn.execute(_RELEASE, (min(int(total), MAX_LEDGER_NANO), scope_id, period_key))
         conn.execute(f"DELETE FROM reservations WHERE {where}", (scope_id, period_key, now))
 
 

@@ -13,6 +13,9 @@ Ledger and reservation sets of a dated period expire 35 days after the period en
 never expire. Reservation expiry and rate windows use the server's clock
 (``TIME``), so replicas with skewed clocks agree; the period key is the caller's.
 Lua numbers are doubles: amounts and limits are exact up to 2**53 nano-USD (~9M USD).
+No script can make Redis overflow: one amount is at most MAX_AMOUNT_NANO (refused or
+clamped in Python, and again in Lua), and every change of spent or reserved goes through
+``bump``, which checks before HINCRBY and saturates within [0, MAX_LEDGER_NANO].
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from redis.exceptions import RedisError
 from policies.config import StoreConfig
 from policies.ratelimit import rate_state
 from policies.store import (
+    MAX_AMOUNT_NANO,
+    MAX_LEDGER_NANO,
     BudgetRejection,
     BudgetScope,
     RateDecision,
@@ -37,6 +42,8 @@ from policies.store import (
     Reservation,
     SpendRow,
     StoreError,
+    check_reserve_amount,
+    clamp_actual,
 )
 
 T = TypeVar("T")
@@ -46,30 +53,59 @@ LEDGER_GRACE_S = 35 * 86400  # a dated period's keys expire this long after it e
 _MAX_CONNECTIONS = 128
 _HEALTH_CHECK_S = 30
 
-# Give back what expired reservations of one scope+period hold (crash recovery).
-_SWEEP_FN = """
+# bump(): field += delta within [0, MAX_LEDGER]. The sum is checked in doubles before
+# HINCRBY (Redis' int64 add errors on overflow); near the bound a double is off by < 1024,
+# so from SLACK below it the field is set to the bound itself. Below, HINCRBY adds exactly.
+_BUMP_FN = f"""
+local MAX_AMOUNT, MAX_LEDGER, SLACK = {MAX_AMOUNT_NANO}, {MAX_LEDGER_NANO}, 4096
+local MAX_LEDGER_S = '{MAX_LEDGER_NANO}'
+"""
+_BUMP_FN += """
 local function int(x) return string.format('%d', x) end
+local function bump(key, field, delta)
+  local new = (tonumber(redis.call('HGET', key, field)) or 0) + delta
+  if new > MAX_LEDGER - SLACK then
+    redis.call('HSET', key, field, MAX_LEDGER_S)
+  elseif new < 0 then
+    redis.call('HSET', key, field, '0')
+  else
+    redis.call('HINCRBY', key, field, int(delta))
+  end
+end
+local function amount_arg(s)
+  local x = tonumber(s) or 0
+  return math.min(math.max(x, 0), MAX_AMOUNT)
+end
+"""
+
+# Give back what expired reservations of one scope+period hold (crash recovery).
+_SWEEP_FN = (
+    _BUMP_FN
+    + """
 local function sweep(ledger, zset, now)
   local gone = redis.call('ZRANGEBYSCORE', zset, '-inf', now)
   if #gone > 0 then
     local total = 0
     for _, member in ipairs(gone) do total = total + tonumber(string.match(member, '^(%d+):')) end
     redis.call('ZREMRANGEBYSCORE', zset, '-inf', now)
-    redis.call('HINCRBY', ledger, 'reserved', int(-total))
+    bump(ledger, 'reserved', -total)
   end
 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
+)
 
 # KEYS: req, then (ledger, zset) per scope.
 # ARGV: member, amount, ttl_ms, then (limit or '', expireat or 0) per scope.
-# Returns {1} reserved | {0, scope index, spent, reserved} refused | {-1} request id in use.
+# Returns {1} reserved | {0, scope index, spent, reserved} refused | {-1} request id in use
+# | {-2} amount outside [0, MAX_AMOUNT] (Python refuses it first; this is the last guard).
 _RESERVE = (
     _SWEEP_FN
     + """
-if redis.call('EXISTS', KEYS[1]) == 1 then return {-1} end
 local amount = tonumber(ARGV[2])
+if not amount or amount < 0 or amount > MAX_AMOUNT then return {-2} end
+if redis.call('EXISTS', KEYS[1]) == 1 then return {-1} end
 local n = (#KEYS - 1) / 2
 for i = 1, n do sweep(KEYS[2 * i], KEYS[2 * i + 1], now) end
 for i = 1, n do
@@ -84,7 +120,7 @@ end
 local ttl = tonumber(ARGV[3])
 for i = 1, n do
   local ledger, zset, expireat = KEYS[2 * i], KEYS[2 * i + 1], tonumber(ARGV[3 + 2 * i])
-  redis.call('HINCRBY', ledger, 'reserved', ARGV[2])
+  bump(ledger, 'reserved', amount)
   redis.call('ZADD', zset, int(now + ttl), ARGV[1])
   if expireat > now / 1000 then
     redis.call('EXPIREAT', ledger, expireat)
@@ -98,18 +134,18 @@ return {1}
 
 # KEYS: req, then (ledger, zset) per scope.
 # ARGV: member, amount, actual, tombstone_ms, then expireat or 0 per scope.
-# Returns 1 settled | 0 already settled before.
+# Returns 1 settled | 0 already settled before. Amounts are clamped into [0, MAX_AMOUNT].
 _SETTLE = (
     _SWEEP_FN
     + """
 if redis.call('GET', KEYS[1]) == 's' then return 0 end
-local amount = tonumber(ARGV[2])
+local amount, actual = amount_arg(ARGV[2]), amount_arg(ARGV[3])
 for i = 1, (#KEYS - 1) / 2 do
   local ledger, zset, expireat = KEYS[2 * i], KEYS[2 * i + 1], tonumber(ARGV[4 + i])
   if redis.call('ZREM', zset, ARGV[1]) == 1 then
-    redis.call('HINCRBY', ledger, 'reserved', int(-amount))
+    bump(ledger, 'reserved', -amount)
   end
-  redis.call('HINCRBY', ledger, 'spent', ARGV[3])
+  bump(ledger, 'spent', actual)
   if expireat > now / 1000 then redis.call('EXPIREAT', ledger, expireat) end
 end
 redis.call('SET', KEYS[1], 's', 'PX', ARGV[4])
@@ -297,8 +333,7 @@ class RedisStore:
     async def reserve(
         self, request_id: str, scopes: tuple[BudgetScope, ...], amount_nano: int
     ) -> Reservation | BudgetRejection:
-        if amount_nano < 0:
-            raise ValueError("amount_nano must be >= 0")
+        check_reserve_amount(amount_nano)
         if not scopes:
             return Reservation(request_id, scopes, amount_nano)
         _distinct(scopes)
@@ -312,11 +347,12 @@ class RedisStore:
             return Reservation(request_id, scopes, amount_nano)
         if result[0] == -1:
             raise ValueError(f"request id {request_id!r} was already reserved")
+        if result[0] == -2:
+            raise ValueError(f"amount_nano {amount_nano} refused by the store's bound")
         return BudgetRejection(scopes[result[1] - 1], int(result[2]), int(result[3]), amount_nano)
 
     async def settle(self, reservation: Reservation, actual_nano: int) -> None:
-        if actual_nano < 0:
-            raise ValueError("actual_nano must be >= 0")
+        actual_nano = clamp_actual(reservation.request_id, actual_nano)
         scopes = reservation.scopes
         if not scopes:
             return
