@@ -1,4 +1,4 @@
-"""The command line: `tallygate serve | check-config | spend` (also `python -m gateway`)."""
+"""The command line: `tallygate serve | check-config | spend | prices` (also `python -m gateway`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from gateway.config import Config, ConfigError, config_path, load_config
+from pricing.table import Listing, PriceTable, Resolution, host_tag
 
 log = logging.getLogger("tallygate")
 
@@ -32,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     spend.add_argument("--config")
     spend.add_argument("--team")
     spend.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    prices = sub.add_parser("prices", help="what the gateway charges for a model or each route")
+    prices.add_argument("model", nargs="?", help="a model name or a routed alias (models.<alias>)")
+    prices.add_argument("--config")
     args = parser.parse_args(argv)
 
     logging.basicConfig(
@@ -50,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "spend":
         return asyncio.run(print_spend(config, args.team, args.json))
+    if args.command == "prices":
+        return print_prices(config, args.model)
     return run_server(config, args)
 
 
@@ -117,6 +123,124 @@ async def print_spend(config: Config, team: str | None, as_json: bool) -> int:
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+def print_prices(config: Config, model: str | None) -> int:
+    """With a model (or a routed alias): how each is priced, exit 1 if any is not.
+    Without: one line per routed deployment."""
+    table = PriceTable.load(config.pricing.overrides)
+    if model is None:
+        print_price_routes(config, table)
+        return 0
+    if model in config.models:
+        found = []
+        for dep in config.models[model]:
+            host = price_host(config, dep.provider)
+            print(f"{model} → {dep.label} (host: {host or 'none'})")
+            found.append(table.resolve(dep.model, host))
+            print(describe_price(dep.model, found[-1], config))
+    else:
+        found = [table.resolve(model)]
+        print(describe_price(model, found[0], config))
+    print(f"price table {table.version}")
+    return 0 if all(r.price is not None for r in found) else 1
+
+
+def price_host(config: Config, provider: str) -> str | None:
+    """The price table's name for the host behind a provider, as the gateway tags it."""
+    prov = config.providers[provider]
+    return host_tag(prov.base_url, prov.kind)
+
+
+def describe_price(model: str, found: Resolution, config: Config) -> str:
+    price = found.price
+    if price is None:
+        why = {
+            "ambiguous": "rows for "
+            + ", ".join(sorted({r.provider for r in found.claimants}))
+            + " claim it; route it through a provider whose base_url names the host",
+            "unknown": "no row or override matches it",
+        }[found.via]
+        fate = "refused" if config.pricing.on_unknown_price == "reject" else "not charged"
+        return (
+            f"  {model}: no price ({found.via}): {why}\n"
+            f"  requests to it are {fate} (pricing.on_unknown_price: "
+            f"{config.pricing.on_unknown_price})"
+        )
+    row = found.listing
+    lines = [
+        ("model", model),
+        ("priced as", f"{price.model}{provider_note(row)} via {step_name(found)}"),
+        ("input", per_mtok(price.input_per_mtok)),
+        ("output", per_mtok(price.output_per_mtok)),
+        ("cached input", per_mtok(price.cached_input_per_mtok)),
+        ("cache write", per_mtok(price.cache_write_per_mtok)),
+        ("max output", tokens(price.max_output_tokens)),
+        ("context", tokens(price.context_window)),
+        ("source", row.source if row else "config: pricing.overrides"),
+        ("checked", row.checked.isoformat() if row else "-"),
+    ]
+    return "\n".join(f"  {label:<14}{value}" for label, value in lines)
+
+
+def print_price_routes(config: Config, table: PriceTable) -> None:
+    cols = ["alias", "deployment", "host", "priced_as", "row", "via", "input", "output"]
+    cols += ["cached", "cache_write", "max_output", "context", "checked"]
+    rows, unpriced = [cols], 0
+    for alias, deps in config.models.items():
+        for dep in deps:
+            host = price_host(config, dep.provider)
+            found = table.resolve(dep.model, host)
+            price, row = found.price, found.listing
+            if price is None:
+                unpriced += 1
+                rows.append([alias, dep.label, host or "-", "NO PRICE", "-", found.via] + ["-"] * 7)
+                continue
+            rows.append(
+                [alias, dep.label, host or "-", price.model, row.provider if row else "override"]
+                + [found.via]
+                + [money(p) for p in (price.input_per_mtok, price.output_per_mtok)]
+                + [money(p) for p in (price.cached_input_per_mtok, price.cache_write_per_mtok)]
+                + [count(price.max_output_tokens), count(price.context_window)]
+                + [row.checked.isoformat() if row else "-"]
+            )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
+    for r in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    print(f"USD per million tokens; price table {table.version}")
+    if unpriced:
+        fate = "refused" if config.pricing.on_unknown_price == "reject" else "not charged"
+        print(f"{unpriced} deployment(s) have no price: requests to them are {fate}")
+
+
+def step_name(found: Resolution) -> str:
+    return {
+        "exact": "exact name",
+        "case": "name, case ignored",
+        "prefix": "name without its provider prefix",
+        "family": "family (snapshots shared)",
+        "override": "override (pricing.overrides)",
+    }[found.via]
+
+
+def provider_note(row: Listing | None) -> str:
+    return f" [{row.provider}]" if row and row.provider else ""
+
+
+def per_mtok(value: object) -> str:
+    return "-" if value is None else f"${value} / Mtok"
+
+
+def money(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def tokens(value: int | None) -> str:
+    return "-" if value is None else f"{value} tokens"
+
+
+def count(value: int | None) -> str:
+    return "-" if value is None else str(value)
 
 
 def run_server(config: Config, args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ class PriceOverride(BaseModel):
     cached_input_per_mtok: Decimal | None = Field(default=None, ge=0)
     cache_write_per_mtok: Decimal | None = Field(default=None, ge=0)
     max_output_tokens: int | None = Field(default=None, gt=0)
+    context_window: int | None = Field(default=None, gt=0)
 
 
 class PricingConfig(BaseModel):
@@ -27,3 +28,5 @@ class PricingConfig(BaseModel):
 
     on_unknown_price: Literal["reject", "allow"] = "reject"
     overrides: dict[str, PriceOverride] = Field(default_factory=dict)
+    # output cap for a model whose max output and context window are both unknown
+    default_max_output_tokens: int = Field(default=32768, gt=0)
