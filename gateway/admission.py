@@ -11,10 +11,18 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, TypeVar
 
 from gateway.context import RequestContext
-from gateway.errors import BudgetExceeded, PriceUnknown, RateLimited, StoreUnavailable
+from gateway.errors import (
+    BudgetExceeded,
+    InvalidRequest,
+    PriceUnknown,
+    RateLimited,
+    StoreUnavailable,
+)
+from gateway.metering import estimate_usage, hides_reasoning
 from gateway.routing import Deployment
 from policies.budget import budget_scopes, rate_scopes
 from policies.store import (
+    MAX_AMOUNT_NANO,
     BudgetRejection,
     BudgetScope,
     RateDecision,
@@ -22,8 +30,9 @@ from policies.store import (
     Reservation,
     StoreError,
 )
-from pricing.cost import cost_nano, format_usd, max_cost_nano, output_cap
-from pricing.table import Price
+from pricing.cost import cost_nano, format_usd, max_cost_nano
+from pricing.table import Price, output_limit
+from pricing.usage import DEFAULT_TOKEN_BOUND, at_least
 
 if TYPE_CHECKING:
     from gateway.state import Gateway
@@ -43,7 +52,8 @@ class Admission:
     reservation: Reservation | None
     prices: dict[str, Price | None]  # deployment label → its price (None: unknown, allowed)
     prompt_tokens: int
-    prompt_estimated: bool
+    output_caps: dict[str, int]  # deployment label → output tokens reserved per choice
+    choices: int  # completions the provider bills for: n x best_of x prompts
     settled: bool = False
 
 
@@ -80,17 +90,49 @@ def log_outage(gw: Gateway, exc: StoreError) -> None:
 
 
 def requested_output_cap(body: dict) -> int | None:
-    for name in OUTPUT_CAP_FIELDS:
-        value = body.get(name)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
+    """The largest output cap the body names (a server may honour any of the fields)."""
+    caps = [v for name in OUTPUT_CAP_FIELDS if _positive_int(v := body.get(name))]
+    return max(caps) if caps else None
+
+
+def choices(operation: str, body: dict) -> int:
+    """How many completions the provider bills for: `n` (chat, completions) x `best_of`
+    (completions generate best_of and return n) x the prompts of a batched completion.
+    Embeddings: the number of inputs (it only bounds their usage report)."""
+    if operation == "embeddings":
+        return _items(body.get("input"))
+    n = _count_field(body, "n")
+    if operation != "text_completion":
+        return n
+    return max(n, _count_field(body, "best_of")) * _items(body.get("prompt"))
+
+
+def _count_field(body: dict, name: str) -> int:
+    value = body.get(name)
+    if value is None:
+        return 1
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not _positive_int(value):
+        raise InvalidRequest(f"'{name}' must be a positive integer.", param=name)
+    return int(value)
+
+
+def _items(value: object) -> int:
+    """Prompts (or inputs) in a batch: a list of strings or of token lists; else one."""
+    if isinstance(value, list) and value and not isinstance(value[0], int):
+        return len(value)
+    return 1
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def price_plan(gw: Gateway, plan: list[Deployment]) -> dict[str, Price | None]:
     prices: dict[str, Price | None] = {}
     for dep in plan:
-        price = gw.prices.lookup(dep.model)
+        price = gw.prices.lookup(dep.model, gw.price_hosts.get(dep.provider))
         if price is None and gw.config.pricing.on_unknown_price == "reject":
             raise PriceUnknown(
                 f"No price is known for model '{dep.model}' (deployment '{dep.label}'), and "
@@ -101,11 +143,68 @@ def price_plan(gw: Gateway, plan: list[Deployment]) -> dict[str, Price | None]:
     return prices
 
 
+@dataclass(slots=True)
+class _Plan:
+    """The reservation for one request: the most it can cost on any deployment it may use."""
+
+    amount: int
+    caps: dict[str, int]
+    send_caps: dict[str, tuple[str, int]]
+    priciest: Price | None
+    bound: int
+
+
+def reservation_plan(
+    gw: Gateway, ctx: RequestContext, plan: list[Deployment], prices: dict[str, Price | None],
+    prompt_tokens: int, n: int,
+) -> _Plan:  # fmt: skip
+    """Output cap per deployment = the smallest of the request's cap, the team's
+    max_output_tokens and the model's limit (max output, else context window, else
+    pricing.default_max_output_tokens); the amount is prompt + cap x choices at the
+    deployment's price, the largest over the plan (a fallback may serve the request)."""
+    assert ctx.body is not None and ctx.principal is not None
+    team_cap = gw.config.teams[ctx.principal.team].max_output_tokens
+    requested = None if ctx.operation == "embeddings" else requested_output_cap(ctx.body)
+    default = gw.config.pricing.default_max_output_tokens
+    out = _Plan(0, {}, {}, None, prompt_tokens)
+    for dep in plan:
+        price = prices[dep.label]
+        window = price.context_window if price is not None else None
+        out.bound = max(out.bound, (window or DEFAULT_TOKEN_BOUND) * n)
+        if ctx.operation == "embeddings":
+            out.caps[dep.label] = 0
+        else:
+            limit = output_limit(price, default)
+            cap = min(c for c in (requested, team_cap, limit) if c is not None)
+            out.caps[dep.label] = cap
+            if team_cap is not None and cap == team_cap < limit:
+                field = upstream_cap_field(ctx.operation, ctx.body, dep.model)
+                if ctx.body.get(field) != cap:
+                    out.send_caps[dep.label] = (field, cap)
+        if price is not None:
+            amount = max_cost_nano(price, prompt_tokens, out.caps[dep.label] * n)
+            if amount >= out.amount:
+                out.amount, out.priciest = amount, price
+    return out
+
+
+def upstream_cap_field(operation: str, body: dict, model: str) -> str:
+    """The field a team's cap goes upstream in: the one the client used, else the one the
+    model accepts (OpenAI's reasoning models refuse max_tokens)."""
+    for name in OUTPUT_CAP_FIELDS:
+        if name in body:
+            return name
+    if operation == "chat" and hides_reasoning(model):
+        return "max_completion_tokens"
+    return "max_tokens"
+
+
 async def admit(gw: Gateway, ctx: RequestContext, plan: list[Deployment]) -> Admission:
     principal = ctx.principal
     assert principal is not None and ctx.body is not None  # earlier stages guarantee both
     team = gw.config.teams[principal.team]
     prices = price_plan(gw, plan)
+    n = choices(ctx.operation, ctx.body)
     count = await gw.counter.count_request(ctx.operation, plan[0].model, ctx.body)
 
     rscopes = rate_scopes(principal.team, principal.key_name, team.rate_limit, team.key_rate_limit)
@@ -126,24 +225,57 @@ async def admit(gw: Gateway, ctx: RequestContext, plan: list[Deployment]) -> Adm
                 headers={"retry-after": str(retry)},
             )
 
-    cap = 0 if ctx.operation == "embeddings" else requested_output_cap(ctx.body)
-    amount = 0
-    for dep in plan:
-        price = prices[dep.label]
-        if price is not None:
-            out = 0 if cap == 0 else output_cap(price, cap)
-            amount = max(amount, max_cost_nano(price, count.tokens, out))
+    rplan = reservation_plan(gw, ctx, plan, prices, count.tokens, n)
+    if rplan.amount > MAX_AMOUNT_NANO:
+        raise InvalidRequest(
+            f"This request could cost up to ${format_usd(rplan.amount)} ({n} completion(s) of up "
+            f"to {max(rplan.caps.values())} tokens), more than the gateway's per-request ceiling "
+            f"of ${format_usd(MAX_AMOUNT_NANO)}. Lower n or max_tokens.",
+            param="n" if n > 1 else "max_tokens",
+        )
+    ctx.usage_bound = rplan.bound
+    ctx.upstream_caps = rplan.send_caps
 
     # The reservation gets an id of our own: a client may repeat its x-request-id.
-    bscopes = budget_scopes(
-        principal.team, principal.key_name, team.budget, team.key_budget, time.time()
+    now = time.time()
+    bscopes = budget_scopes(principal.team, principal.key_name, team.budget, team.key_budget, now)
+    result = await guarded(
+        gw, ctx, gw.store.reserve(gw.new_request_id(), bscopes, rplan.amount), None
     )
-    result = await guarded(gw, ctx, gw.store.reserve(gw.new_request_id(), bscopes, amount), None)
     if isinstance(result, BudgetRejection):
         ctx.rejected = "budget"
         gw.telemetry.count("rejection", ctx, kind="budget")
-        raise BudgetExceeded(budget_message(result, principal.team))
-    return Admission(rscopes, bscopes, result, prices, count.tokens, count.estimated)
+        raise budget_exceeded(result, principal.team, rplan, count.tokens, n, now)
+    return Admission(rscopes, bscopes, result, prices, count.tokens, rplan.caps, n)
+
+
+def budget_exceeded(
+    rej: BudgetRejection, team: str, rplan: _Plan, prompt_tokens: int, n: int, now: float
+) -> BudgetExceeded:
+    """A 429 the SDKs do not retry (x-should-retry: false): retrying cannot help before the
+    period resets, which Retry-After says; the message says what would fit instead."""
+    headers = {"x-should-retry": "false"}
+    if rej.scope.period_end is not None:
+        headers["retry-after"] = str(max(1, math.ceil(rej.scope.period_end - now)))
+    message = budget_message(rej, team) + fit_hint(rej, rplan.priciest, prompt_tokens, n)
+    return BudgetExceeded(message, headers=headers)
+
+
+def fit_hint(rej: BudgetRejection, price: Price | None, prompt_tokens: int, n: int) -> str:
+    """What would still fit in the remaining budget at the request's dearest price."""
+    left = (rej.scope.limit_nano or 0) - rej.spent_nano - rej.reserved_nano
+    if price is None or left <= 0:
+        return ""
+    prompt_cost = max_cost_nano(price, prompt_tokens, 0)
+    per_output = max_cost_nano(price, 0, 1_000_000) * n  # nano-USD per Mtok of output
+    if prompt_cost > left:
+        return f" The prompt alone (~{prompt_tokens} tokens) costs more than the ${format_usd(left)} left."
+    if per_output == 0:
+        return ""
+    fits = (left - prompt_cost) * 1_000_000 // per_output
+    if fits < 1:
+        return f" Only ${format_usd(left)} is left: not enough for one output token."
+    return f" With ${format_usd(left)} left, the same request with max_tokens <= {fits} would fit."
 
 
 def budget_message(rej: BudgetRejection, team: str) -> str:
@@ -166,6 +298,25 @@ def budget_message(rej: BudgetRejection, team: str) -> str:
     )
 
 
+def charge(gw: Gateway, ctx: RequestContext, admission: Admission, deployment: str) -> int | None:
+    """The cost of the request on `deployment` (None: its price is unknown): the usage the
+    upstream reported, or our count when it reported none. A report with anomalies is
+    not trusted to be low: it is raised to our own count. Sets ctx.usage and ctx.cost_nano;
+    the same answer however often it is asked (a stream's usage chunk, then settlement)."""
+    model = next((a.upstream_model for a in ctx.attempts if a.deployment == deployment), "")
+    cap = admission.output_caps.get(deployment, 0) * admission.choices
+    if ctx.usage is None or (ctx.usage.estimated and not ctx.usage_anomalies):
+        ctx.usage = estimate_usage(gw, ctx, model, admission.prompt_tokens, cap)
+    elif ctx.usage_anomalies:
+        ctx.usage = at_least(ctx.usage, estimate_usage(gw, ctx, model, admission.prompt_tokens, 0))
+    price = admission.prices.get(deployment)
+    if price is None:
+        return None
+    ctx.cost_nano = min(cost_nano(price, ctx.usage), MAX_AMOUNT_NANO)
+    ctx.pricing_version = gw.prices.version
+    return ctx.cost_nano
+
+
 async def settle(
     gw: Gateway, ctx: RequestContext, admission: Admission, deployment: str | None
 ) -> None:
@@ -173,14 +324,12 @@ async def settle(
     if admission.settled:
         return
     admission.settled = True
-    usage = ctx.usage
     cost = 0
-    if usage is not None and deployment is not None:
-        price = admission.prices.get(deployment)
-        if price is not None:
-            cost = cost_nano(price, usage)
-            ctx.cost_nano = cost
-            ctx.pricing_version = gw.prices.version
+    if deployment is not None:
+        cost = charge(gw, ctx, admission, deployment) or 0
+        if ctx.usage_anomalies:
+            report_anomalies(gw, ctx, deployment)
+    usage = ctx.usage
     try:
         if admission.reservation is not None:
             await gw.store.settle(admission.reservation, cost)
@@ -198,6 +347,17 @@ async def settle(
     limited = [s for s in admission.budget if s.limit_nano is not None]
     if limited and admission.reservation is not None:
         ctx.budget_remaining_nano = await remaining_nano(gw, limited)
+
+
+def report_anomalies(gw: Gateway, ctx: RequestContext, deployment: str) -> None:
+    """A usage report that was clamped: counted, logged (one line, redacted), and on the span
+    (tallygate.usage.anomalies)."""
+    gw.telemetry.count("usage_clamped", ctx, deployment=deployment)
+    what = gw.redactor.redact("; ".join(ctx.usage_anomalies))[0]
+    log.warning(
+        "usage reported by %s for request %s was clamped (%s); charged %s nano-USD",
+        deployment, ctx.request_id, what[:500], ctx.cost_nano,
+    )  # fmt: skip
 
 
 async def remaining_nano(gw: Gateway, scopes: list[BudgetScope]) -> int | None:

@@ -99,6 +99,8 @@ class TeamConfig(Strict):
     key_budget: BudgetConfig | None = None
     rate_limit: RateLimitConfig | None = None
     key_rate_limit: RateLimitConfig | None = None
+    # default output cap of a request that names none, and the ceiling of one that asks more
+    max_output_tokens: int | None = Field(default=None, gt=0)
     admin: bool = False
 
 

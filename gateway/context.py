@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pricing.usage import Usage
+from pricing.usage import DEFAULT_TOKEN_BOUND, Usage
 
 
 @dataclass(slots=True)
@@ -45,6 +45,9 @@ class RequestContext:
 
     body: dict[str, Any] | None = None  # parsed once; the client's request
     stream: bool = False
+    upstream_caps: dict[str, tuple[str, int]] = field(
+        default_factory=dict
+    )  # deployment label → (field, value): the team's output cap, written into its body
     hide_usage: bool = False  # we asked upstream for the stream's usage chunk; the client did not
     requested_model: str | None = None
     principal: Principal | None = None
@@ -67,6 +70,8 @@ class RequestContext:
     output_text: list[str] = field(default_factory=list)  # collected only when content is captured
     output_tool_calls: list[dict[str, Any]] = field(default_factory=list)
     usage: Usage | None = None
+    usage_bound: int = DEFAULT_TOKEN_BOUND  # most tokens a usage count may claim (admission)
+    usage_anomalies: tuple[str, ...] = ()  # what was wrong with the upstream's usage report
     cost_nano: int | None = None
     pricing_version: str | None = None
     budget_remaining_nano: int | None = None

@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Any
 
+from gateway.admission import OUTPUT_CAP_FIELDS
 from gateway.context import Attempt, RequestContext
 from gateway.errors import (
     GatewayError,
@@ -41,12 +42,19 @@ def outgoing(gw: Gateway, ctx: RequestContext) -> dict[str, Any]:
 def upstream_body(
     ctx: RequestContext, base: dict[str, Any], dep: Deployment, *, inject_usage: bool = True
 ) -> tuple[dict[str, Any], bool]:
-    """`base` with only `model` rewritten, plus stream usage when the client did not ask.
+    """`base` with only `model` rewritten, plus stream usage when the client did not ask,
+    and the team's output cap where it applies (admission decided it per deployment).
 
     Returns (body, hide_usage): hide_usage means the usage chunk we asked for is not the
     client's to see."""
     body = dict(base)
     body["model"] = dep.model
+    cap = ctx.upstream_caps.get(dep.label)
+    if cap is not None:
+        body[cap[0]] = cap[1]
+        for name in OUTPUT_CAP_FIELDS:  # every other cap the client sent, lowered to it
+            if name != cap[0] and isinstance(body.get(name), int) and body[name] > cap[1]:
+                body[name] = cap[1]
     hide_usage = False
     if inject_usage and ctx.stream and ctx.operation != "embeddings":
         options = body.get("stream_options")

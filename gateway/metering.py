@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.context import RequestContext
-from pricing.usage import usage_from_openai
+from pricing.usage import Usage, read_openai_usage
+
+if TYPE_CHECKING:
+    from gateway.state import Gateway
+
+# Model families that think before they answer and do not stream their thoughts: when no
+# usage comes back, the visible text is not all that was billed.
+HIDDEN_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5", "deepseek-reasoner", "deepseek-r1",
+                             "magistral", "codex")  # fmt: skip
 
 
 def observe_body(ctx: RequestContext, data: dict[str, Any]) -> None:
@@ -31,8 +39,15 @@ def observe_body(ctx: RequestContext, data: dict[str, Any]) -> None:
         elif isinstance(choice.get("text"), str):
             ctx.output_text.append(choice["text"])
     usage = data.get("usage")
-    if isinstance(usage, dict):
-        ctx.usage = usage_from_openai(usage)
+    if usage is not None:
+        read_usage(ctx, usage)
+
+
+def read_usage(ctx: RequestContext, usage: Any) -> None:
+    """The upstream's usage report, read against the request's bound (pricing.usage)."""
+    reading = read_openai_usage(usage, ctx.usage_bound)
+    ctx.usage = reading.usage
+    ctx.usage_anomalies = reading.anomalies
 
 
 class StreamObserver:
@@ -65,7 +80,7 @@ class StreamObserver:
                 ctx.finish_reasons.append(choice["finish_reason"])
         usage = data.get("usage")
         if usage:
-            ctx.usage = usage_from_openai(usage)
+            read_usage(ctx, usage)
 
     def _tool_call(self, choice: int, call: dict[str, Any]) -> None:
         key = (choice, call.get("index", 0))
@@ -87,3 +102,23 @@ def generated_text(ctx: RequestContext) -> str:
     upstream reports no usage."""
     args = "".join(call["arguments"] or "" for call in ctx.output_tool_calls)
     return "".join(ctx.output_text) + args
+
+
+def estimate_usage(
+    gw: Gateway, ctx: RequestContext, model: str, prompt_tokens: int, output_cap: int
+) -> Usage:
+    """What we count ourselves when the upstream reports no usage (or a report we cannot
+    trust): the admitted prompt count, and the generated text. A model that reasons out of
+    sight is charged its whole output cap: its hidden tokens are unknown but within it."""
+    output = 0
+    if ctx.operation != "embeddings":
+        text = generated_text(ctx)
+        output = gw.counter.count_text(model, text).tokens if text else 0
+        if hides_reasoning(model):
+            output = max(output, output_cap)
+    return Usage(input_tokens=prompt_tokens, output_tokens=output, estimated=True)
+
+
+def hides_reasoning(model: str) -> bool:
+    name = model.lower().rsplit("/", 1)[-1]
+    return name.startswith(HIDDEN_REASONING_PREFIXES) and "chat" not in name

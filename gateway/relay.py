@@ -11,11 +11,11 @@ from typing import Any
 import orjson
 from starlette.responses import Response, StreamingResponse
 
-from gateway.admission import Admission, settle
+from gateway.admission import Admission, charge, settle
 from gateway.context import RequestContext
 from gateway.metering import StreamObserver
 from gateway.providers.base import UpstreamResponse
-from gateway.responses import estimate_usage, finish, upstream_headers
+from gateway.responses import finish, upstream_headers
 from gateway.routing import Deployment
 from gateway.sse import SSEDecoder
 from gateway.state import Gateway
@@ -24,6 +24,7 @@ from gateway.upstream_errors import (
     error_type,
     map_transport_error,
 )
+from pricing.cost import format_usd
 
 perf_counter = time.perf_counter
 
@@ -79,6 +80,18 @@ class StreamRelay:
             )
         return self.finishing
 
+    def with_cost(self, chunk: dict[str, Any], event: bytes) -> bytes:
+        """The client's usage chunk with `usage.cost` (USD) added: what the same usage costs
+        on a whole response (x-tallygate-cost-usd), from the same computation."""
+        usage = chunk["usage"]
+        if not isinstance(usage, dict):
+            return event
+        cost = charge(self.gw, self.ctx, self.admission, self.dep.label)
+        if cost is None:
+            return event
+        usage["cost"] = float(format_usd(cost))
+        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+
     async def events(self) -> AsyncIterator[bytes]:
         gw, ctx, dep = self.gw, self.ctx, self.dep
         assert self.up.chunks is not None
@@ -115,8 +128,10 @@ class StreamRelay:
                             obj = None
                         if isinstance(obj, dict):
                             observer.chunk(obj)
-                            if hide_usage and obj.get("usage") and not obj.get("choices"):
-                                continue
+                            if obj.get("usage"):
+                                if hide_usage and not obj.get("choices"):
+                                    continue
+                                event = self.with_cost(obj, event)
                     out.append(event)
                 if out:
                     if ctx.first_chunk_at is None:
@@ -143,8 +158,7 @@ async def finish_stream(
     await up.close()  # for a client that left: closes the upstream connection mid-response
     if ctx.attempt is not None:
         ctx.attempt.ended = perf_counter()
-    if ctx.usage is None:  # no usage chunk came (cut off, or an upstream that sends none)
-        ctx.usage = estimate_usage(gw, ctx, dep, admission)
+    # No usage chunk (cut off, or an upstream that sends none): settle counts it ourselves.
     # A stream that broke after its headers keeps status 200; ctx.error_type says why.
     await settle(gw, ctx, admission, dep.label)
     gw.telemetry.end_attempt(ctx, ctx.attempts[-1])

@@ -10,12 +10,11 @@ from starlette.responses import Response
 from gateway.admission import Admission, settle
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
-from gateway.metering import generated_text, observe_body
+from gateway.metering import observe_body
 from gateway.providers.base import UpstreamResponse
 from gateway.routing import Deployment
 from gateway.state import Gateway
 from pricing.cost import format_usd
-from pricing.usage import Usage
 
 log = logging.getLogger("tallygate")
 PASSED_UPSTREAM_HEADERS = ("openai-processing-ms", "openai-version")
@@ -95,8 +94,6 @@ async def whole_response(
         data = None
     if isinstance(data, dict):
         observe_body(ctx, data)
-    if ctx.usage is None:
-        ctx.usage = estimate_usage(gw, ctx, dep, admission)
     await settle(gw, ctx, admission, dep.label)
     headers = upstream_headers(up, ctx, dep)
     if ctx.cost_nano is not None:
@@ -105,14 +102,3 @@ async def whole_response(
     return Response(
         up.body, up.status, headers, media_type=up.headers.get("content-type", "application/json")
     )
-
-
-def estimate_usage(
-    gw: Gateway, ctx: RequestContext, dep: Deployment, admission: Admission
-) -> Usage:
-    """The upstream reported no usage: count what went in and what came out ourselves."""
-    output = 0
-    if ctx.operation != "embeddings":
-        text = generated_text(ctx)
-        output = gw.counter.count_text(dep.model, text).tokens if text else 0
-    return Usage(input_tokens=admission.prompt_tokens, output_tokens=output, estimated=True)

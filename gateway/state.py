@@ -19,7 +19,7 @@ from gateway.tasks import TaskSet
 from gateway.telemetry import Telemetry
 from policies.redaction import Redactor
 from policies.store import Store, open_store
-from pricing.table import PriceTable
+from pricing.table import PriceTable, host_tag
 from pricing.tokens import TokenCounter
 
 log = logging.getLogger("tallygate")
@@ -52,6 +52,9 @@ class Gateway:
     redactor: Redactor
     telemetry: Telemetry
     tasks: TaskSet = field(default_factory=TaskSet)
+    # provider name → the price table's name for its host (groq, together...): one model id
+    # served by several hosts has a price per host
+    price_hosts: dict[str, str | None] = field(default_factory=dict)
     ready: bool = False
     started_at: float = 0.0
     outage_logged_at: float = float("-inf")  # store outages: when one was last logged
@@ -94,9 +97,10 @@ class Gateway:
             providers[name] = provider
         store = open_store(config.store, processes=config.server.workers)
         await store.start()
+        hosts = {name: host_tag(p.base_url, p.kind) for name, p in config.providers.items()}
         for alias, deps in config.models.items():
             for dep in deps:
-                if prices.lookup(dep.model) is None:
+                if prices.lookup(dep.model, hosts[dep.provider]) is None:
                     log.warning(
                         "no price for model '%s' (models.%s): requests to it are %s",
                         dep.model,
@@ -113,6 +117,7 @@ class Gateway:
             store,
             redactor,
             telemetry,
+            price_hosts=hosts,
         )
         # Load the tokenizers now, off the loop, rather than inside the first request.
         models = {d.model for deps in config.models.values() for d in deps}

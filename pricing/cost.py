@@ -44,15 +44,6 @@ def max_cost_nano(price: Price, input_tokens: int, max_output_tokens: int) -> in
     )
 
 
-def output_cap(price: Price | None, body_cap: int | None, default: int = 4096) -> int:
-    """Output tokens to reserve for: the request's cap, else the model's limit, else `default`."""
-    if body_cap is not None:
-        return max(body_cap, 0)
-    if price is not None and price.max_output_tokens is not None:
-        return price.max_output_tokens
-    return default
-
-
 def usd_to_nano(value: Decimal | str | int) -> int:
     """USD (a Decimal, a decimal string or an int; never a float) to nano-USD, half-up."""
     if isinstance(value, bool) or not isinstance(value, Decimal | str | int):

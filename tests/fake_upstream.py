@@ -199,12 +199,22 @@ def chat_answer(body: dict[str, Any], number: int = 1) -> Reply | Stream:
     user = [m for m in messages if m.get("role") == "user"]
     words, finish = _answer_words(_text(user[-1].get("content")) if user else "", body)
     prompt = sum(count_words(m.get("content")) for m in messages) + CHAT_PROMPT_OVERHEAD
-    usage, model, id = usage_json(prompt, len(words)), body.get("model"), f"chatcmpl-fake-{number}"
+    n = body.get("n") if isinstance(body.get("n"), int) and body["n"] > 0 else 1
+    model, id = body.get("model"), f"chatcmpl-fake-{number}"
+    usage = usage_json(prompt, len(words) * n)  # as OpenAI: every choice is billed
     if not body.get("stream"):
         message = {"role": "assistant", "content": " ".join(words), "refusal": None}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
-        return Reply(json=_obj("chat.completion", id, model, [choice], usage=usage))
+        choices = [
+            {"index": i, "message": message, "logprobs": None, "finish_reason": finish}
+            for i in range(n)
+        ]
+        return Reply(json=_obj("chat.completion", id, model, choices, usage=usage))
     stream = chat_stream(" ".join(words), model=model, id=id, finish_reason=finish)
+    if n > 1:
+        stream = replace(stream, chunks=[
+            {**c, "choices": [{**c["choices"][0], "index": i}]}
+            for c in stream.chunks for i in range(n)
+        ])  # fmt: skip
     if not _include_usage(body):
         return stream
     for chunk in stream.chunks:  # as OpenAI does when usage is requested
@@ -257,8 +267,15 @@ def embeddings_answer(body: dict[str, Any]) -> Reply:
 class FakeUpstream:
     """The ASGI app. Thread-safe to script and read from the test's thread."""
 
-    def __init__(self, *, models: Sequence[str] = ("fake-model",)) -> None:
+    def __init__(
+        self,
+        *,
+        models: Sequence[str] = ("fake-model",),
+        answer: Callable[[RecordedRequest, int], Reply | Stream | None] | None = None,
+    ) -> None:
         self.models = tuple(models)
+        # answers a request the script has no step for (None: the default answer below)
+        self.answer = answer
         self.requests: list[RecordedRequest] = []
         self.disconnects = 0  # responses whose client left before the end
         self.sent_chunks = 0  # Stream chunks sent (not counting usage / [DONE])
@@ -329,6 +346,7 @@ class FakeUpstream:
             self.disconnects = self.sent_chunks = self._permits = self._number = 0
             self._queue.clear()
             self._path_queues.clear()
+            self.answer = None
 
     def _push(self, steps: Sequence[Step], path: str | None = None) -> None:
         for step in steps:
@@ -393,6 +411,8 @@ class FakeUpstream:
             await _send_reply(step, ex.send)  # type: ignore[arg-type]
 
     def _default(self, ex: _Exchange) -> Reply | Stream:
+        if self.answer is not None and (step := self.answer(ex.request, ex.number)) is not None:
+            return step
         method, path, body = ex.request.method, ex.request.path, ex.request.json
         if method == "GET" and path.endswith("/models"):
             models = [

@@ -10,8 +10,8 @@ from decimal import Decimal
 
 import pytest
 
-from pricing.cost import cost_nano, format_usd, max_cost_nano, nano_to_usd, output_cap, usd_to_nano
-from pricing.table import Price, PriceTable
+from pricing.cost import cost_nano, format_usd, max_cost_nano, nano_to_usd, usd_to_nano
+from pricing.table import Price, PriceTable, output_limit
 from pricing.usage import Usage, usage_from_anthropic
 
 
@@ -167,14 +167,12 @@ def test_max_cost_bounds_every_actual_cost(table: PriceTable, model: str) -> Non
         assert cost_nano(price, usage) <= bound
 
 
-def test_output_cap(table: PriceTable) -> None:
+def test_output_limit(table: PriceTable) -> None:
     gpt4o = price_of(table, "gpt-4o")
-    assert output_cap(gpt4o, 100) == 100
-    assert output_cap(gpt4o, None) == 16384
-    assert output_cap(price_of(table, "mistral-small"), None) == 4096  # no limit listed
-    assert output_cap(None, None) == 4096
-    assert output_cap(None, None, default=1000) == 1000
-    assert output_cap(None, 0) == 0
+    assert output_limit(gpt4o, 1000) == 16384  # the model's max output
+    windowed = Price("m", Decimal(1), Decimal(1), None, None, None, context_window=32_000)
+    assert output_limit(windowed, 1000) == 32_000  # else its context window
+    assert output_limit(None, 1000) == 1000  # else pricing.default_max_output_tokens
 
 
 @pytest.mark.parametrize(
