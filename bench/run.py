@@ -1,6 +1,7 @@
 """The benchmark, one command: direct vs bare pass-through vs tallygate, interleaved.
 
     python -m bench.run [--quick] [--duration S] [--rounds R] [--profile]
+    python -m bench.run --baseline DIR [--targets direct,gateway,baseline]
 
 Starts the mock upstream, a cheap OTLP/HTTP receiver, the bare pass-through and
 tallygate (every feature on: bench/config.bench.yaml), pins the server under test to
@@ -10,6 +11,10 @@ stream client (20 chunks 5 ms apart) at concurrency 1 and 16. Reports medians ov
 rounds and the gateway's ratios to the pass-through and to direct; writes
 bench/results/<UTC timestamp>.json and bench/results/latest.md and prints the table.
 A full run (not --quick) also refreshes the table in bench/README.md.
+
+``--baseline DIR`` adds a target "baseline": the gateway from another source tree (a
+git worktree of another commit), same venv, measured in every round beside "gateway",
+and an A/B section in the report (gateway/baseline ratios).
 
 The process helpers here (ports, pinned spawns, /proc CPU and RSS, wrk) are shared
 with bench.bench_transport.
@@ -51,7 +56,10 @@ KEY = "sk-bench"
 MODEL = "bench-model"
 CONCURRENCY = (1, 16, 64)
 STREAM_CONCURRENCY = (1, 16)
-TARGETS = ("direct", "passthrough", "gateway")
+TARGETS = ("direct", "passthrough", "gateway")  # the default, without --baseline
+ALL_TARGETS = (*TARGETS, "baseline")  # also the order within a round
+MODES = ("plain", "stream")
+BUILD_PACKAGES = ("gateway", "policies", "pricing")  # what a source tree must supply
 
 # Where each target stands against issue 7 (one worker, one core, every feature on).
 GOALS = {
@@ -129,11 +137,12 @@ def spawn(
     port: int,
     logdir: Path,
     env: dict[str, str] | None = None,
+    cwd: Path = REPO,
 ) -> Server:
     stdout, stderr = logdir / f"{name}.out", logdir / f"{name}.err"
     proc = subprocess.Popen(
         pinned(cpu, cmd),
-        cwd=REPO,
+        cwd=cwd,
         env={**os.environ, **(env or {})},
         stdin=subprocess.DEVNULL,
         stdout=stdout.open("wb"),
@@ -326,13 +335,23 @@ def serve_otlp(port: int) -> None:
 
 
 @dataclass
+class Build:
+    """A gateway source tree to run: this checkout ("gateway") or --baseline DIR."""
+
+    name: str
+    tree: Path
+    config: Path
+
+
+@dataclass
 class Setup:
     logdir: Path
     mock: Server
     receiver: Server
-    servers: dict[str, Server] = field(default_factory=dict)  # passthrough, gateway
+    modes: dict[str, tuple[str, ...]]  # target -> the modes it is measured in
+    servers: dict[str, Server] = field(default_factory=dict)  # passthrough, gateway, baseline
     urls: dict[str, str] = field(default_factory=dict)
-    gateway_error: str | None = None
+    errors: dict[str, str] = field(default_factory=dict)  # build name -> why it did not run
     rss_idle: dict[str, float] = field(default_factory=dict)
 
 
@@ -353,23 +372,67 @@ def tiktoken_cache() -> dict[str, str]:
     return {"TIKTOKEN_CACHE_DIR": str(cache)} if cache.is_dir() else {}
 
 
+def build_env(build: Build) -> dict[str, str]:
+    """Another tree's packages must win over this checkout's editable install: its
+    directory first on PYTHONPATH (and the cwd, which ``-m`` puts first anyway)."""
+    if build.tree == REPO:
+        return {}
+    path = [str(build.tree), *filter(None, [os.environ.get("PYTHONPATH")])]
+    return {"PYTHONPATH": os.pathsep.join(path)}
+
+
+def build_imports(build: Build) -> dict[str, str]:
+    """Where ``gateway``, ``policies`` and ``pricing`` come from in ``build``'s environment;
+    raises RuntimeError when one is missing or comes from another tree."""
+    code = (
+        "import importlib, json, sys; "
+        "print(json.dumps({n: importlib.import_module(n).__file__ for n in sys.argv[1:]}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, *BUILD_PACKAGES],
+        capture_output=True, text=True, cwd=build.tree, timeout=60,
+        env={**os.environ, **build_env(build)},
+    )  # fmt: skip
+    if out.returncode != 0:
+        raise RuntimeError(f"importing {build.name}'s packages failed: {out.stderr[-800:]}")
+    files: dict[str, str] = json.loads(out.stdout.strip().splitlines()[-1])
+    for name, file in files.items():
+        if not file or not Path(file).resolve().is_relative_to(build.tree):
+            raise RuntimeError(f"{build.name}: {name} imports from {file}, not from {build.tree}")
+    return files
+
+
+def git_tree(tree: Path) -> dict[str, Any]:
+    """The tree's commit (full hash) and whether tracked files differ from it."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, cwd=tree)
+        return out.stdout.strip()
+
+    head = git("rev-parse", "HEAD") or "unknown"
+    return {"commit": head, "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
 def start_gateway(
-    setup: Setup, port: int, mock_port: int, otlp_port: int, spawned: list[Server], config: Path
+    setup: Setup, build: Build, port: int, mock_port: int, otlp_port: int, spawned: list[Server]
 ) -> None:
+    """``python -m gateway serve`` from ``build.tree``; on failure the run goes on without
+    it and ``setup.errors`` says why."""
     env = {
         "BENCH_UPSTREAM_PORT": str(mock_port),
         "BENCH_KEY": KEY,
-        "BENCH_DB": str(setup.logdir / "tallygate-bench.db"),
+        # one store per build: two processes on one SQLite file would contend for its lock
+        "BENCH_DB": str(setup.logdir / f"tallygate-{build.name}.db"),
         "BENCH_OTLP": f"http://127.0.0.1:{otlp_port}",
         **tiktoken_cache(),
+        **build_env(build),
     }
     cmd = [
-        sys.executable, "-m", "gateway", "serve", "--config", str(config),
+        sys.executable, "-m", "gateway", "serve", "--config", str(build.config),
         "--host", "127.0.0.1", "--port", str(port),
     ]  # fmt: skip
-    gw = spawn("gateway", cmd, SERVER_CPU, port, setup.logdir, env)
+    gw = spawn(build.name, cmd, SERVER_CPU, port, setup.logdir, env, cwd=build.tree)
     spawned.append(gw)
-    setup.servers["gateway"] = gw
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     if not wait_port(gw, 60):
         gw.error = "did not start listening" if gw.alive() else f"exited with {gw.proc.returncode}"
@@ -382,17 +445,31 @@ def start_gateway(
             if status != 200 or b"[DONE]" not in body:
                 gw.error = f"check stream answered {status}: {body[-400:]!r}"
     if gw.error:
-        setup.gateway_error = f"{gw.error}\n--- stderr tail ---\n{gw.stderr_tail()}"
+        setup.errors[build.name] = f"{gw.error}\n--- stderr tail ---\n{gw.stderr_tail()}"
         gw.stop()
-        del setup.servers["gateway"]
         return
-    setup.urls["gateway"] = url
+    setup.servers[build.name] = gw
+    setup.urls[build.name] = url
 
 
-def start_all(logdir: Path, transport: str, config: Path | None, spawned: list[Server]) -> Setup:
-    """Start everything; every process started is appended to ``spawned`` at once, so the
-    caller can stop them even when a later one fails to start."""
-    mock_port, otlp_port, pt_port, gw_port = (free_port() for _ in range(4))
+def distinct_ports(n: int) -> list[int]:
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return list(ports)
+
+
+def start_all(
+    logdir: Path,
+    transport: str,
+    builds: list[Build],
+    modes: dict[str, tuple[str, ...]],
+    spawned: list[Server],
+) -> Setup:
+    """Start the mock, the receiver and each target in ``modes``; every process started is
+    appended to ``spawned`` at once, so the caller can stop them even when a later one
+    fails to start."""
+    mock_port, otlp_port, pt_port, *gw_ports = distinct_ports(3 + len(builds))
     mock = spawn(
         "mock", [sys.executable, "-m", "bench.mock_upstream", "--port", str(mock_port)],
         DRIVER_CPU, mock_port, logdir,
@@ -402,35 +479,40 @@ def start_all(logdir: Path, transport: str, config: Path | None, spawned: list[S
         DRIVER_CPU, otlp_port, logdir,
     )  # fmt: skip
     spawned += [mock, receiver]
-    setup = Setup(logdir, mock, receiver)
+    setup = Setup(logdir, mock, receiver, modes)
     for srv in (mock, receiver):
         if not wait_port(srv, 20):
             raise RuntimeError(f"{srv.name} did not start: {srv.stderr_tail()}")
     setup.urls["direct"] = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
+    if "passthrough" in modes:
+        start_passthrough(setup, pt_port, transport, spawned)
+    for build, port in zip(builds, gw_ports, strict=True):
+        if build.name in modes:
+            start_gateway(setup, build, port, mock_port, otlp_port, spawned)
+    time.sleep(1.0)  # let lazy start-up work settle before the idle reading
+    for name, srv in setup.servers.items():
+        setup.rss_idle[name] = round(rss_mb(srv.pid)[0], 1)
+    return setup
+
+
+def start_passthrough(setup: Setup, port: int, transport: str, spawned: list[Server]) -> None:
+    mock_url = setup.urls["direct"].removesuffix("/v1/chat/completions")
     pt = spawn(
         "passthrough",
         [
-            sys.executable, "-m", "bench.passthrough", "--port", str(pt_port),
-            "--upstream", f"http://127.0.0.1:{mock_port}", "--transport", transport,
+            sys.executable, "-m", "bench.passthrough", "--port", str(port),
+            "--upstream", mock_url, "--transport", transport,
         ],
-        SERVER_CPU, pt_port, logdir,
+        SERVER_CPU, port, setup.logdir,
     )  # fmt: skip
     spawned.append(pt)
     setup.servers["passthrough"] = pt
     if not wait_port(pt, 30):
         raise RuntimeError(f"passthrough did not start: {pt.stderr_tail()}")
-    setup.urls["passthrough"] = f"http://127.0.0.1:{pt_port}/v1/chat/completions"
+    setup.urls["passthrough"] = f"http://127.0.0.1:{port}/v1/chat/completions"
     status, body = http("POST", setup.urls["passthrough"], chat_body())
     if status != 200:
         raise RuntimeError(f"passthrough answered {status}: {body[:300]!r}")
-    if config is not None:
-        start_gateway(setup, gw_port, mock_port, otlp_port, spawned, config)
-    else:
-        setup.gateway_error = "skipped (--no-gateway)"
-    time.sleep(1.0)  # let lazy start-up work settle before the idle reading
-    for name, srv in setup.servers.items():
-        setup.rss_idle[name] = round(rss_mb(srv.pid)[0], 1)
-    return setup
 
 
 def server_pid(setup: Setup, target: str) -> int:
@@ -441,7 +523,9 @@ def measure_rounds(
     setup: Setup, rounds: int, duration: float, log: Any
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Every (round, mode, concurrency, target) run, in interleaved order."""
-    targets = [t for t in TARGETS if t in setup.urls]
+    targets = [t for t in ALL_TARGETS if t in setup.urls and t in setup.modes]
+    plain = [t for t in targets if "plain" in setup.modes[t]]
+    stream = [t for t in targets if "stream" in setup.modes[t]]
     runs: list[dict[str, Any]] = []
     pids = {t: server_pid(setup, t) for t in targets if t != "direct"}
     with RssSampler(pids) as sampler:
@@ -449,7 +533,7 @@ def measure_rounds(
             run_wrk(setup.urls[t], 16, 1)
         for r in range(rounds):
             for c in CONCURRENCY:
-                for t in targets:
+                for t in plain:
                     pid = server_pid(setup, t)
                     cpu0 = cpu_seconds(pid)
                     res = run_wrk(setup.urls[t], c, duration)
@@ -468,7 +552,7 @@ def measure_rounds(
             for c in STREAM_CONCURRENCY:
                 # enough streams to fill about `duration` seconds (each lasts ~100 ms)
                 n = max(c * 4, int(c * duration / 0.1))
-                for t in targets:
+                for t in stream:
                     pid = server_pid(setup, t)
                     cpu0 = cpu_seconds(pid)
                     res = run_streams(setup.urls[t], c, n)
@@ -522,7 +606,7 @@ def summarize(runs: list[dict[str, Any]], targets: list[str]) -> dict[str, Any]:
                 row["added_p50_ms"] = med([(a["p50_us"] - b["p50_us"]) / 1000 for a, b in pairs])
                 row["added_p99_ms"] = med([(a["p99_us"] - b["p99_us"]) / 1000 for a, b in pairs])
                 row["ratio_to_direct"] = med([a["rps"] / b["rps"] for a, b in pairs])
-            if t == "gateway":
+            if t in ("gateway", "baseline"):
                 pt = pick("plain", "passthrough", c)
                 pairs = [(rs[k], pt[k]) for k in rs if k in pt]
                 row["ratio_to_passthrough"] = med([a["rps"] / b["rps"] for a, b in pairs])
@@ -550,6 +634,105 @@ def summarize(runs: list[dict[str, Any]], targets: list[str]) -> dict[str, Any]:
                 )
             out["stream"].setdefault(t, {})[c] = row
     return out
+
+
+def paired_ratios(
+    runs: list[dict[str, Any]], mode: str, c: int, key: str, a: str = "gateway", b: str = "baseline"
+) -> list[float]:
+    """``a``'s figure over ``b``'s, one ratio per round (the two ran seconds apart)."""
+    by_round: dict[str, dict[int, float]] = {a: {}, b: {}}
+    for r in runs:
+        if r["mode"] == mode and r["concurrency"] == c and r["target"] in by_round:
+            by_round[r["target"]][r["round"]] = r[key]
+    return [v / by_round[b][k] for k, v in sorted(by_round[a].items()) if by_round[b].get(k, 0) > 0]
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None or b <= 0 else a / b
+
+
+def ab_summary(runs: list[dict[str, Any]], summary: dict[str, Any]) -> dict[str, Any] | None:
+    """gateway vs baseline per concurrency: each figure of both, and gateway/baseline.
+
+    RPS, CPU per request and TTFT are ratios paired per round, then the median (like
+    "vs pass-through"); added latencies can be ~0 or negative in one round, so theirs is
+    the ratio of the two medians, given only when the baseline's is positive.
+    """
+    out: dict[str, Any] = {"plain": {}, "stream": {}}
+    paired = {
+        "plain": ("rps", "cpu_ms_per_req"),
+        "stream": ("ttft_p50_ms", "ttft_p99_ms", "cpu_ms_per_req"),
+    }
+    of_medians = {"plain": ("added_p50_ms", "added_p99_ms"), "stream": ("added_ttft_p50_ms",)}
+    for mode in ("plain", "stream"):
+        gw_rows = summary[mode].get("gateway", {})
+        bl_rows = summary[mode].get("baseline", {})
+        for c in sorted(set(gw_rows) & set(bl_rows)):
+            g, b = gw_rows[c], bl_rows[c]
+            row: dict[str, Any] = {}
+            for key in paired[mode]:
+                rounds = paired_ratios(runs, mode, c, key)
+                row[key] = {
+                    "gateway": g.get(key),
+                    "baseline": b.get(key),
+                    "ratio": med(rounds),
+                    "ratio_rounds": rounds,
+                }
+            for key in of_medians[mode]:
+                row[key] = {
+                    "gateway": g.get(key),
+                    "baseline": b.get(key),
+                    "ratio": ratio(g.get(key), b.get(key)),
+                }
+            out[mode][c] = row
+    return out if out["plain"] or out["stream"] else None
+
+
+def ab_cell(fig: dict[str, Any] | None, spec: str) -> str:
+    """ "0.720 vs 0.700 (1.03x)": gateway vs baseline (gateway/baseline)."""
+    if not fig or (fig["gateway"] is None and fig["baseline"] is None):
+        return "-"
+    r = fig.get("ratio")
+    tail = f" ({r:.2f}x)" if r is not None else ""
+    return f"{fmt(fig['gateway'], spec)} vs {fmt(fig['baseline'], spec)}{tail}"
+
+
+def ab_markdown(report: dict[str, Any]) -> list[str]:
+    """The A/B section: gateway (this checkout) against the baseline tree, same run."""
+    ab, meta = report["ab"], report["meta"]
+    gw, bl = meta["gateway_tree"], meta["baseline"]
+    lines = [
+        f"A/B, gateway = this checkout `{gw['commit'][:12]}`"
+        f"{' + uncommitted changes' if gw['dirty'] else ''} (config `{meta['config']}`) vs "
+        f"baseline = `{bl['dir']}` at `{bl['commit'][:12]}`"
+        f"{' + uncommitted changes' if bl['dirty'] else ''} (config `{bl['config']}`), "
+        "both measured in every round. Each cell: gateway vs baseline (gateway/baseline; "
+        "below 1 is better except for RPS); RPS, CPU and TTFT ratios are paired per round, "
+        "then the median.",
+        "",
+        "| c | RPS | CPU ms/req | added p50 ms | added p99 ms | CPU ratio, each round |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c, r in ab["plain"].items():
+        rounds = ", ".join(f"{x:.2f}" for x in r["cpu_ms_per_req"]["ratio_rounds"])
+        lines.append(
+            f"| {c} | {ab_cell(r['rps'], ',.0f')} | {ab_cell(r['cpu_ms_per_req'], '.3f')} | "
+            f"{ab_cell(r['added_p50_ms'], '+.3f')} | {ab_cell(r['added_p99_ms'], '+.3f')} | "
+            f"{rounds or '-'} |"
+        )
+    if ab["stream"]:
+        lines += [
+            "",
+            "| c | TTFT p50 ms | added TTFT p50 ms | TTFT p99 ms | CPU ms/stream |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for c, r in ab["stream"].items():
+            lines.append(
+                f"| {c} | {ab_cell(r['ttft_p50_ms'], '.3f')} | "
+                f"{ab_cell(r['added_ttft_p50_ms'], '+.3f')} | {ab_cell(r['ttft_p99_ms'], '.3f')} | "
+                f"{ab_cell(r['cpu_ms_per_req'], '.3f')} |"
+            )
+    return [*lines, ""]
 
 
 def fmt(value: float | None, spec: str = ".2f") -> str:
@@ -612,6 +795,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"load average (1 min) at start {meta['loadavg'].split()[0]}, highest during the run "
         f"{max((r.get('loadavg', 0.0) for r in report['runs']), default=0.0):.2f} (2 cores).",
         "",
+        *(ab_markdown(report) if report.get("ab") else []),
         "Non-stream (wrk -t1, POST chat completion):",
         "",
         "| target | c | RPS | p50 ms | p99 ms | added p50 ms | added p99 ms | CPU ms/req | vs pass-through | vs direct |",
@@ -668,6 +852,9 @@ def markdown(report: dict[str, Any]) -> str:
             tail,
             "```",
         ]
+    if report.get("baseline_error"):
+        tail = report["baseline_error"].strip().replace("```", "'''")
+        lines += ["", "**The baseline did not run**:", "", "```", tail, "```"]
     checks = report.get("gateway_checks") or {}
     if checks:
         otlp = ", ".join(
@@ -680,6 +867,13 @@ def markdown(report: dict[str, Any]) -> str:
             f"{checks.get('stdout_lines', 0):,} stdout and {checks.get('stderr_lines', 0):,} "
             "stderr lines (access log).",
         ]
+    bl = report.get("baseline_checks")
+    if bl:
+        lines += [
+            "",
+            f"The baseline wrote {bl.get('stdout_lines', 0):,} stdout and "
+            f"{bl.get('stderr_lines', 0):,} stderr lines (the OTLP counts above are both builds').",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -690,6 +884,8 @@ def render_saved(path: Path) -> str:
         for t, rows in report["summary"][mode].items():
             report["summary"][mode][t] = {int(c): row for c, row in rows.items()}
     report["goals"] = goals(report["summary"], report["rss_load_mb"])
+    if report.get("ab"):
+        report["ab"] = ab_summary(report["runs"], report["summary"])
     table = markdown(report)
     (RESULTS / "latest.md").write_text(table)
     return table
@@ -722,17 +918,24 @@ def gateway_checks(setup: Setup) -> dict[str, Any]:
         checks["otlp_received"] = json.loads(body)
     gw = setup.servers.get("gateway")
     if gw is not None:
-        for stream in ("stdout", "stderr"):
-            path: Path = getattr(gw, stream)
-            with contextlib.suppress(OSError), path.open("rb") as f:
-                count, last = 0, b""
-                for line in f:
-                    count += 1
-                    last = line
-                checks[f"{stream}_lines"] = count
-                if last:
-                    checks[f"{stream}_last_line"] = last[:600].decode(errors="replace").strip()
+        checks.update(log_lines(gw))
     return checks
+
+
+def log_lines(srv: Server) -> dict[str, Any]:
+    """How many lines the server wrote to stdout (the access log) and stderr, and the last."""
+    out: dict[str, Any] = {}
+    for stream in ("stdout", "stderr"):
+        path: Path = getattr(srv, stream)
+        with contextlib.suppress(OSError), path.open("rb") as f:
+            count, last = 0, b""
+            for line in f:
+                count += 1
+                last = line
+            out[f"{stream}_lines"] = count
+            if last:
+                out[f"{stream}_last_line"] = last[:600].decode(errors="replace").strip()
+    return out
 
 
 def profile_gateway(setup: Setup, duration: float, stamp: str, log: Any) -> str | None:
@@ -758,15 +961,95 @@ def profile_gateway(setup: Setup, duration: float, stamp: str, log: Any) -> str 
 
 
 @contextlib.contextmanager
-def started(transport: str, config: Path | None) -> Iterator[Setup]:
+def started(
+    transport: str, builds: list[Build], modes: dict[str, tuple[str, ...]]
+) -> Iterator[Setup]:
     logdir = Path(tempfile.mkdtemp(prefix="tallygate-bench-"))
     spawned: list[Server] = []
     try:
-        yield start_all(logdir, transport, config, spawned)
+        yield start_all(logdir, transport, builds, modes, spawned)
     finally:
         for srv in reversed(spawned):
             srv.stop()
         shutil.rmtree(logdir, ignore_errors=True)
+
+
+def parse_targets(spec: str | None, baseline: bool) -> dict[str, tuple[str, ...]]:
+    """``--targets``: a comma list of targets, each optionally ``:plain`` or ``:stream`` to
+    measure it in that mode only; default every target in both. Raises ValueError."""
+    names = ALL_TARGETS if baseline else TARGETS
+    if not spec:
+        return dict.fromkeys(names, MODES)
+    chosen: dict[str, set[str]] = {}
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        name, _, mode = item.partition(":")
+        if name == "baseline" and not baseline:
+            raise ValueError("target baseline needs --baseline DIR")
+        if name not in names:
+            raise ValueError(f"unknown target {name!r}: one of {', '.join(names)}")
+        if mode and mode not in MODES:
+            raise ValueError(f"unknown mode in {item!r}: :plain or :stream")
+        chosen.setdefault(name, set()).update([mode] if mode else MODES)
+    if not chosen:
+        raise ValueError("--targets names no target")
+    return {t: tuple(m for m in MODES if m in chosen[t]) for t in ALL_TARGETS if t in chosen}
+
+
+def baseline_build(tree: Path, config: Path | None) -> tuple[Build, dict[str, Any]]:
+    """The --baseline tree as a Build, and what the report records of it. Its own
+    bench/config.bench.yaml unless --config names one for both (keys may differ between
+    builds). Raises RuntimeError when the tree cannot be the baseline."""
+    tree = tree.resolve()
+    if not (tree / "gateway").is_dir():
+        raise RuntimeError(f"{tree} has no gateway/ package")
+    config = (config or tree / "bench" / "config.bench.yaml").resolve()
+    if not config.is_file():
+        raise RuntimeError(f"no config {config}: give --config")
+    build = Build("baseline", tree, config)
+    imports = build_imports(build)
+    return build, {"dir": str(tree), **git_tree(tree), "config": str(config), "imports": imports}
+
+
+def run_bench(
+    args: argparse.Namespace,
+    builds: list[Build],
+    modes: dict[str, tuple[str, ...]],
+    meta: dict[str, Any],
+    log: Any,
+) -> dict[str, Any]:
+    """Start everything, measure the rounds, and return the report (JSON-ready)."""
+    rounds, duration, baseline = meta["rounds"], meta["duration_s"], "baseline" in meta
+    with started(args.transport, builds, modes) as setup:
+        for name, error in setup.errors.items():
+            log(f"{name} failed: {error}")
+        targets = [t for t in ALL_TARGETS if t in setup.urls and t in modes]
+        log(f"running {rounds} round(s) of {duration:.0f} s per figure over {targets}")
+        runs, rss_load = measure_rounds(setup, rounds, duration, log)
+        for name, srv in setup.servers.items():
+            rss_load[name] = max(rss_load.get(name, 0.0), round(rss_mb(srv.pid)[0], 1))
+        hwm = {name: round(rss_mb(srv.pid)[1], 1) for name, srv in setup.servers.items()}
+        checks = gateway_checks(setup) if "gateway" in setup.urls else {}
+        profile = profile_gateway(setup, duration, meta["utc"], log) if args.profile else None
+        summary = summarize(runs, targets)
+        skipped = "skipped (--no-gateway)" if args.no_gateway else "skipped (not in --targets)"
+        report: dict[str, Any] = {
+            "meta": meta,
+            "summary": summary,
+            "rss_idle_mb": setup.rss_idle,
+            "rss_load_mb": rss_load,
+            "rss_hwm_mb": hwm,
+            "goals": goals(summary, rss_load),
+            "gateway_error": setup.errors.get("gateway", None if "gateway" in modes else skipped),
+            "gateway_checks": checks,
+            "profile": profile,
+            "runs": runs,
+        }
+        if baseline:
+            bl = setup.servers.get("baseline")
+            report["ab"] = ab_summary(runs, summary)
+            report["baseline_error"] = setup.errors.get("baseline")
+            report["baseline_checks"] = log_lines(bl) if bl is not None else {}
+    return report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -779,8 +1062,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="the pass-through's upstream client (default: the gateway's, "
                              "httpx.Request straight into httpx-aiohttp's transport)")  # fmt: skip
     parser.add_argument("--no-gateway", action="store_true", help="direct and pass-through only")
-    parser.add_argument("--config", type=Path, default=CONFIG,
-                        help="the gateway's config (default bench/config.bench.yaml)")  # fmt: skip
+    parser.add_argument("--config", type=Path,
+                        help="the gateway's config (default bench/config.bench.yaml; "
+                             "with --baseline, both builds use it)")  # fmt: skip
+    parser.add_argument("--baseline", type=Path, metavar="DIR",
+                        help="also run the gateway from source tree DIR (e.g. a git worktree "
+                             "of another commit) in every round; adds an A/B section")  # fmt: skip
+    parser.add_argument("--targets", metavar="LIST",
+                        help="comma list of direct, passthrough, gateway, baseline, each "
+                             "optionally :plain or :stream (default: all, both modes)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="then py-spy the gateway at c=16")
     parser.add_argument("--no-readme", action="store_true", help="leave bench/README.md alone")
     parser.add_argument("--nice", type=int, help="run every bench process under nice -n N (root)")
@@ -793,11 +1083,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         print(render_saved(Path(args.render)), end="")
         return 0
+    try:
+        modes = parse_targets(args.targets, args.baseline is not None)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if args.no_gateway:
+        modes.pop("gateway", None)
     if args.nice is not None:
         os.environ["BENCH_NICE"] = str(args.nice)
     if not shutil.which("wrk"):
         print("wrk not found: apt-get install wrk", file=sys.stderr)
         return 2
+    config = args.config or CONFIG
+    builds = [Build("gateway", REPO, config.resolve())]
+    baseline_meta: dict[str, Any] = {}
+    if "baseline" in modes:
+        try:
+            build, baseline_meta = baseline_build(args.baseline, args.config)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            print(f"--baseline: {exc}", file=sys.stderr)
+            return 2
+        builds.append(build)
     # SIGTERM unwinds like Ctrl-C, so the servers started here are stopped
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     duration = args.duration or (3.0 if args.quick else 8.0)
@@ -812,37 +1118,23 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": duration, "transport": args.transport, "chunks": 20, "chunk_delay_ms": 5,
         "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()), "cpus": os.cpu_count(),
         "python": sys.version.split()[0], "nice": os.environ.get("BENCH_NICE"),
-        "config": str(args.config),
+        "config": str(config),
     }  # fmt: skip
-    with started(args.transport, None if args.no_gateway else args.config.resolve()) as setup:
-        if setup.gateway_error:
-            log(f"gateway failed: {setup.gateway_error}")
-        log(f"running {rounds} round(s) of {duration:.0f} s per figure over {list(setup.urls)}")
-        runs, rss_load = measure_rounds(setup, rounds, duration, log)
-        for name, srv in setup.servers.items():
-            rss_load[name] = max(rss_load.get(name, 0.0), round(rss_mb(srv.pid)[0], 1))
-        hwm = {name: round(rss_mb(srv.pid)[1], 1) for name, srv in setup.servers.items()}
-        checks = gateway_checks(setup) if "gateway" in setup.urls else {}
-        profile = profile_gateway(setup, duration, stamp, log) if args.profile else None
-        targets = [t for t in TARGETS if t in setup.urls]
-        summary = summarize(runs, targets)
-        report: dict[str, Any] = {
-            "meta": meta,
-            "summary": summary,
-            "rss_idle_mb": setup.rss_idle,
-            "rss_load_mb": rss_load,
-            "rss_hwm_mb": hwm,
-            "goals": goals(summary, rss_load),
-            "gateway_error": setup.gateway_error,
-            "gateway_checks": checks,
-            "profile": profile,
-            "runs": runs,
-        }
+    if args.targets:
+        meta["targets"] = {t: list(m) for t, m in modes.items()}
+    if baseline_meta:
+        meta["gateway_tree"] = {"dir": str(REPO), **git_tree(REPO)}
+        meta["baseline"] = baseline_meta
+        log(
+            f"baseline: {baseline_meta['dir']} at {baseline_meta['commit']}, imports {baseline_meta['imports']}"
+        )
+    report = run_bench(args, builds, modes, meta, log)
     RESULTS.mkdir(exist_ok=True)
     table = markdown(report)
     (RESULTS / f"{stamp}.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (RESULTS / "latest.md").write_text(table)
-    if not args.quick and not args.no_readme:
+    # the README keeps the reference figures: an A/B or a subset of targets is not one
+    if not (args.quick or args.no_readme or baseline_meta or args.targets):
         update_readme(table)
     print(table)
     log(f"wrote bench/results/{stamp}.json and bench/results/latest.md")

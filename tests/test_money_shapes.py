@@ -321,3 +321,38 @@ def _context_window(model: str) -> int:
     price = PriceTable.load().lookup(model)
     assert price is not None and price.context_window
     return price.context_window
+
+
+# ---- prices that are true and traceable -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "input_per_mtok", "output_per_mtok"),
+    [
+        ("gpt-3.5-turbo-0613", "1.5", "2"),
+        ("mistral-large-2402", "4", "12"),
+        ("mistral-medium-2312", "2.7", "8.1"),
+        ("codestral-2405", "1", "3"),
+        ("gpt-4o-2024-08-06", "2.5", "10"),  # a snapshot of a family that shares its price
+    ],
+)
+def test_dated_names_are_priced_from_their_own_row(
+    gateway_config: dict, fake_upstream: FakeUpstream, model: str, input_per_mtok: str,
+    output_per_mtok: str,
+) -> None:  # fmt: skip
+    cfg = merge(gateway_config, {"models": {"dated": [{"provider": "up", "model": model}]}})
+    with running_gateway(cfg) as gw:
+        fake_upstream.enqueue(usage_reply({"prompt_tokens": 1000, "completion_tokens": 100}))
+        r = post(gw.url, chat("dated", max_tokens=100))
+    assert r.status_code == 200
+    assert cost(r) == (1000 * Decimal(input_per_mtok) + 100 * Decimal(output_per_mtok)) / MTOK
+
+
+def test_a_snapshot_of_a_family_that_does_not_share_its_price_is_unknown(
+    gateway_config: dict,
+) -> None:
+    cfg = merge(gateway_config, {"models": {"dated": [{"provider": "up", "model": "gpt-3.5-turbo-0999"}]}})  # fmt: skip
+    with running_gateway(cfg) as gw:
+        r = post(gw.url, chat("dated"))
+    assert r.status_code == 400
+    assert r.json()["error"]["code"] == "price_unknown"
