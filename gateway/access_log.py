@@ -1,14 +1,17 @@
 """The access log: one line per request (JSON, or logfmt text), with its trace and span ids.
 
 The line never carries content (prompts, completions) nor an API key: only the key's
-name from config. It is written with a single write() so concurrent requests (and
-workers sharing stdout) never interleave within a line.
+name from config. The client's own strings in it (the model it asked for, an error
+message quoting it) come in already redacted (`ClientStrings`); the request id was
+checked on arrival (gateway/request_ids.py). It is written with a single write() so
+concurrent requests (and workers sharing stdout) never interleave within a line.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any, Literal, TextIO
@@ -39,9 +42,17 @@ FIELDS = (
     "cost_usd",
     "overhead_ms",
     "error_type",
-    "error_message",  # ours, or the upstream's redacted (it may quote the prompt)
+    "error_message",  # redacted: it may quote the prompt or the model asked for
     "cancelled",
 )
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStrings:
+    """The line's fields that a client controls, after the redactor (gateway.telemetry)."""
+
+    model: str | None
+    error_message: str | None
 
 
 def iso_utc(unix_s: float) -> str:
@@ -76,8 +87,13 @@ def access_record(
     end_unix: float,
     latency_s: float,
     overhead_s: float,
+    client: ClientStrings | None = None,
 ) -> dict[str, Any]:
-    """The access line's fields, in FIELDS order. `end_unix` is the timestamp."""
+    """The access line's fields, in FIELDS order. `end_unix` is the timestamp. `client`:
+    the redacted model and error message; None takes ctx's as they are (for callers whose
+    ctx holds no client input)."""
+    if client is None:
+        client = ClientStrings(ctx.requested_model, ctx.error_message)
     principal = ctx.principal
     attempt = ctx.attempts[-1] if ctx.attempts else None
     usage = ctx.usage
@@ -93,7 +109,7 @@ def access_record(
         "path": ctx.path,
         "team": principal.team if principal else None,
         "key": principal.key_name if principal else None,
-        "model": ctx.requested_model,
+        "model": client.model,
         "deployment": attempt.deployment if attempt else None,
         "upstream_model": attempt.upstream_model if attempt else None,
         "status": ctx.status,
@@ -106,7 +122,7 @@ def access_record(
         "cost_usd": usd(ctx.cost_nano),
         "overhead_ms": _ms(overhead_s),
         "error_type": ctx.error_type,
-        "error_message": ctx.error_message,
+        "error_message": client.error_message,
         "cancelled": ctx.cancelled,
     }
 

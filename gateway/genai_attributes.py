@@ -8,6 +8,7 @@ emit); the gateway's own attributes live under `tallygate.*`.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
@@ -47,6 +48,8 @@ TALLYGATE_REDACTIONS_PREFIX = "tallygate.redactions."
 TALLYGATE_OVERHEAD_MS = "tallygate.overhead_ms"
 TALLYGATE_CANCELLED = "tallygate.cancelled"
 TALLYGATE_REJECTED = "tallygate.rejected"
+# what was wrong with the upstream's usage report (clamped counts), when anything was
+TALLYGATE_USAGE_ANOMALIES = "tallygate.usage.anomalies"
 TALLYGATE_STREAM = "tallygate.stream"
 # metric-only attributes
 TALLYGATE_REJECTION_KIND = "tallygate.rejection.kind"
@@ -247,10 +250,18 @@ def status_attributes(status: int) -> dict[str, Any]:
 # --- metric attributes: low cardinality only ------------------------------------------
 
 
+# A snapshot of a configured model: `-2024-07-18`, `-20241022`, `-0613`, `-002`, `-latest`,
+# `-preview`, once or twice. Nothing freer: a label is exported as it is, and a client could
+# otherwise append `-dave@example.com` to a configured name.
+_SNAPSHOT = re.compile(
+    r"(?:-(?:[0-9]{4}-[0-9]{2}-[0-9]{2}|[0-9]{8}|[0-9]{3,4}|latest|preview)){1,2}"
+)
+
+
 class ModelBuckets:
-    """Maps a model name to itself when it is configured (or a dated snapshot of a
-    configured one, `gpt-4o-mini-2024-07-18`), else to `_OTHER`, so metric series stay
-    bounded whatever names clients send or providers answer with."""
+    """Maps a model name to itself when it is configured (or a snapshot of a configured
+    one, `gpt-4o-mini-2024-07-18`), else to `_OTHER`, so metric series stay bounded and
+    free of client text whatever names clients send or providers answer with."""
 
     __slots__ = ("_known", "_limit", "_seen")
 
@@ -268,7 +279,8 @@ class ModelBuckets:
         if bucket is None:
             bucket = OTHER
             if len(self._seen) < self._limit and any(
-                name.startswith(known + "-") for known in self._known
+                name.startswith(known + "-") and _SNAPSHOT.fullmatch(name, len(known))
+                for known in self._known
             ):
                 bucket = name
             if len(self._seen) < self._limit:

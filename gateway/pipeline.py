@@ -24,6 +24,7 @@ from gateway.errors import (
 )
 from gateway.forwarding import forward
 from gateway.relay import stream_response
+from gateway.request_ids import incoming_request_id
 from gateway.responses import crash, fail, passthrough_error, whole_response
 from gateway.routing import Deployment
 from gateway.state import Gateway
@@ -33,11 +34,13 @@ REQUIRED_FIELD = {"chat": "messages", "text_completion": "prompt", "embeddings":
 
 
 async def handle(gw: Gateway, request: Request, operation: str) -> Response:
+    request_id, id_headers = incoming_request_id(request.headers, gw.redactor, gw.new_request_id)
     ctx = RequestContext(
-        request_id=request.headers.get("x-request-id") or gw.new_request_id(),
+        request_id=request_id,
         method=request.method,
         path=request.url.path,
         operation=operation,
+        response_headers=id_headers,
     )
     gw.telemetry.start_request(ctx, request.headers)
     try:

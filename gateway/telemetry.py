@@ -3,8 +3,11 @@
 The pipeline calls a small lifecycle API at fixed points (start_request, start_attempt,
 use_attempt, end_attempt, count, record_chunk_gap, finish_request); every call is
 guarded so that a failure inside telemetry is counted and logged once, never raised
-into a request. What the attributes are is decided in gateway.genai_attributes (pure);
-the access line in gateway.access_log; the Prometheus exposition in gateway.prometheus.
+into a request. Strings a client controls (the model it asks for, its user agent and
+tracestate, some body fields, error messages quoting them) pass the redactor before any
+span or line carries them (gateway.client_strings). What the attributes are is decided
+in gateway.genai_attributes (pure); the access line in gateway.access_log; the Prometheus
+exposition in gateway.prometheus.
 
 Exporting never slows a request: spans and logs go through batch processors with
 bounded queues to a background thread; a dead or slow backend only costs dropped
@@ -71,7 +74,8 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from pydantic import BaseModel, ConfigDict, Field
 
 from gateway import genai_attributes as gen
-from gateway.access_log import AccessLog, access_record
+from gateway.access_log import AccessLog, ClientStrings, access_record
+from gateway.client_strings import WITHHELD, Redact, Scrubber
 from gateway.context import Attempt, RequestContext
 from gateway.histograms import Histograms
 from gateway.lite_spans import LiteSpan, LiteTracer
@@ -85,12 +89,11 @@ from gateway.telemetry_export import (
     GuardedSpanExporter,
     QuietExportLogs,
 )
+from policies.redaction import RedactionConfig, Redactor
 
 __all__ = ["METRICS", "Telemetry", "TelemetryConfig", "prepare_multiprocess"]
 
 logger = logging.getLogger("gateway.telemetry")
-
-Redact = Callable[[Any], tuple[Any, dict[str, int]]]
 
 
 class TelemetryConfig(BaseModel):
@@ -437,6 +440,12 @@ class Telemetry:
             )
             self._capture = "none"
         self._models = gen.ModelBuckets(known_models)
+        # client strings are redacted even when no redactor is given (default detectors)
+        self._scrub = Scrubber(
+            redact or Redactor(RedactionConfig()).redact_value,
+            known_models,
+            lambda: self._failed("client_strings"),
+        )
         self._propagator = TraceContextTextMapPropagator()
         self._getter = _HeaderGetter()
         self._access = AccessLog(access_log or sys.stdout, config.log_format)
@@ -684,18 +693,20 @@ class Telemetry:
     # -- per request --
 
     def start_request(self, ctx: RequestContext, headers: Mapping[str, str]) -> None:
-        """The SERVER span "{method} {path}", continuing an incoming traceparent."""
+        """The SERVER span "{method} {path}", continuing an incoming traceparent (its
+        tracestate without entries the redactor flags); the user agent redacted."""
         try:
             incoming = self._propagator.extract(headers, getter=self._getter)
+            parent = trace.get_current_span(incoming).get_span_context()
             span = self._spans.start_span(
                 f"{ctx.method} {ctx.path}",
-                parent=trace.get_current_span(incoming).get_span_context(),
+                parent=self._scrub.parent(ctx, parent),
                 kind=SpanKind.SERVER,
                 attributes=gen.server_request_attributes(
                     method=ctx.method,
                     path=ctx.path,
-                    request_id=ctx.request_id,
-                    user_agent=headers.get("user-agent"),
+                    request_id=ctx.request_id,  # checked on arrival (gateway/request_ids.py)
+                    user_agent=self._scrub.optional(ctx, headers.get("user-agent")),
                 ),
                 start_time=int(ctx.started_unix * 1e9),
             )
@@ -731,7 +742,9 @@ class Telemetry:
         self, ctx: RequestContext, attempt: Attempt, state: _RequestTrace
     ) -> dict[str, Any]:
         if state.request_attrs is None:  # the body's part, computed once per request
-            state.request_attrs = gen.request_attributes(ctx.body, ctx.operation)
+            state.request_attrs = self._scrub.attributes(
+                ctx, gen.request_attributes(ctx.body, ctx.operation)
+            )
         attributes = dict(state.request_attrs)
         attributes.update(
             gen.attempt_attributes(
@@ -891,8 +904,17 @@ class Telemetry:
         elapsed = max(0.0, now - ctx.started)
         overhead = max(0.0, elapsed - ctx.upstream_wait_s)
         end_unix = ctx.started_unix + elapsed
+        # redacted once, before the spans and the line that carry them
+        client = ClientStrings(WITHHELD, WITHHELD)
         try:
-            self._finish_spans(ctx, state, now, overhead)
+            client = ClientStrings(
+                self._scrub.model(ctx, ctx.requested_model),
+                self._scrub.optional(ctx, ctx.error_message),
+            )
+        except Exception:
+            self._failed("finish_request.client_strings")
+        try:
+            self._finish_spans(ctx, state, now, overhead, client)
         except Exception:
             self._failed("finish_request.spans")
             self._end_leftovers(ctx, state, now)
@@ -901,12 +923,17 @@ class Telemetry:
         except Exception:
             self._failed("finish_request.metrics")
         try:
-            self._write_access(ctx, state, end_unix, elapsed, overhead)
+            self._write_access(ctx, state, end_unix, elapsed, overhead, client)
         except Exception:
             self._failed("finish_request.access_log")
 
     def _finish_spans(
-        self, ctx: RequestContext, state: _RequestTrace | None, now: float, overhead: float
+        self,
+        ctx: RequestContext,
+        state: _RequestTrace | None,
+        now: float,
+        overhead: float,
+        client: ClientStrings,
     ) -> None:
         last = ctx.attempts[-1] if ctx.attempts else None
         last_state = last.span if last is not None else None
@@ -941,8 +968,8 @@ class Telemetry:
         if principal is not None:
             attributes[gen.TALLYGATE_TEAM] = principal.team
             attributes[gen.TALLYGATE_KEY] = principal.key_name
-        if ctx.requested_model:
-            attributes[gen.TALLYGATE_MODEL] = ctx.requested_model
+        if client.model:
+            attributes[gen.TALLYGATE_MODEL] = client.model
         if last is not None:
             attributes[gen.TALLYGATE_DEPLOYMENT] = last.deployment
         attributes[gen.TALLYGATE_ATTEMPTS] = len(ctx.attempts)
@@ -961,11 +988,13 @@ class Telemetry:
             attributes[gen.TALLYGATE_STREAM] = True
         if ctx.cancelled:
             attributes[gen.TALLYGATE_CANCELLED] = True
+        if ctx.usage_anomalies:
+            attributes[gen.TALLYGATE_USAGE_ANOMALIES] = list(ctx.usage_anomalies)
         if ctx.rejected:
             attributes[gen.TALLYGATE_REJECTED] = ctx.rejected
         span.set_attributes(attributes)
         if ctx.status >= 500:
-            span.set_status(Status(StatusCode.ERROR, ctx.error_message or error.get(ERROR_TYPE)))
+            span.set_status(Status(StatusCode.ERROR, client.error_message or error.get(ERROR_TYPE)))
         span.end(end_time=_wall_ns(ctx, now))
 
     def _end_leftovers(self, ctx: RequestContext, state: _RequestTrace | None, now: float) -> None:
@@ -1066,6 +1095,7 @@ class Telemetry:
         end_unix: float,
         elapsed: float,
         overhead: float,
+        client: ClientStrings,
     ) -> None:
         trace_id = span_id = None
         span = state.span if state is not None else None
@@ -1081,6 +1111,7 @@ class Telemetry:
             end_unix=end_unix,
             latency_s=elapsed,
             overhead_s=overhead,
+            client=client,
         )
         self._access.write(record)
         if self._otel_logger is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
@@ -89,15 +90,33 @@ def validate_card(text: str, start: int, end: int) -> int:
     return -1
 
 
+SSN_CUE_DISTANCE = 30  # the cue ends at most this many characters before the number
+_SSN_CUE_LONGEST = 16  # "social_security" and a little
+# What names an SSN: "SSN", "social security", "soc sec", "SS#" (any case), searched up to
+# the number (the end of the search is the end of the string for `\Z`).
+_SSN_CUE = re.compile(
+    r"(?i:(?<![A-Za-z])ssns?(?![A-Za-z])|social[ _-]?security|(?<![A-Za-z])soc\.?[ _-]?sec"
+    rf"|(?<![A-Za-z])ss ?#)(?=[\s\S]{{0,{SSN_CUE_DISTANCE}}}\Z)"
+)
+
+
 def validate_ssn(text: str, start: int, end: int) -> int:
-    area, group, serial = (
-        text[start : start + 3],
-        text[start + 4 : start + 6],
-        text[start + 7 : end],
-    )
+    """Area, group and serial in the ranges ever issued. `123-45-6789` is an SSN wherever
+    it stands; `123 45 6789` (one or two spaces) is many things, so only after a cue and
+    not inside a longer run of digit groups."""
+    if text[start + 3] != "-" and not _spaced_ssn_ok(text, start, end):
+        return -1
+    area, group, serial = text[start:end].replace("-", " ").split()
     if area in ("000", "666") or area[0] == "9" or group == "00" or serial == "0000":
         return -1
     return end
+
+
+def _spaced_ssn_ok(text: str, start: int, end: int) -> bool:
+    if text[start - 2 : start - 1].isdigit() or text[end + 1 : end + 2].isdigit():
+        return False  # "… 4 711 44 9981 …": one group of a longer number
+    lo = max(0, start - SSN_CUE_DISTANCE - _SSN_CUE_LONGEST)
+    return _SSN_CUE.search(text, lo, start) is not None
 
 
 # ISO 13616 registry: country code → IBAN length.
@@ -292,9 +311,10 @@ BUILTIN_BRANCHES: tuple[Branch, ...] = (
         r"(?:(?P=card_sep)[0-9]{3,6}+(?![0-9])){0,7}+)(?![A-Za-z0-9_])",
         peek="[0-9]{3}", validate=validate_card,
     ),
-    _branch(
-        "ssn", "ssn", "[0-9]", _NUM, r"[0-9]{2}-[0-9]{2}-[0-9]{4}" + _NUM_END,
-        peek="[0-9]{2}-", validate=validate_ssn,
+    _branch(  # 123-45-6789; 123 45 6789 (validate_ssn wants a cue before it)
+        "ssn", "ssn", "[0-9]", _NUM,
+        r"[0-9]{2}(?:-[0-9]{2}-| {1,2}[0-9]{2} {1,2})[0-9]{4}" + _NUM_END,
+        peek="[0-9]{2}[ -]", validate=validate_ssn,
     ),
     # --- IP addresses
     _branch(

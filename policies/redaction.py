@@ -104,6 +104,10 @@ class Redactor:
         parts.append(marker)
         return "".join(parts), counts
 
+    def finds(self, text: str) -> bool:
+        """Whether the detectors find anything in `text` (a value to refuse, not to mask)."""
+        return bool(self._find(text))
+
     def redact_value(self, obj: Any, *, truncate: bool = True) -> tuple[Any, dict[str, int]]:
         """`obj` (JSON-like: dicts, lists, strings, other scalars) with every string value
         redacted; dict keys are kept. Containers where nothing changed are returned as they

@@ -174,6 +174,11 @@ def test_absurd_usage_is_clamped_and_no_spend_is_lost(
         alpha_before, beta_before = spent(gw.url), spent(gw.url, "beta")
         lines = gw.access_lines()
         metrics = httpx.get(gw.url + "/metrics").text
+        marked = [
+            s.attributes["tallygate.usage.anomalies"]
+            for s in gw.spans.get_finished_spans()
+            if "tallygate.usage.anomalies" in (s.attributes or {})
+        ]
     assert absurd.status_code == 200
     # clamped to gpt-4o-mini's context window (x n=1) for input and for output
     window = _context_window("gpt-4o-mini")
@@ -182,6 +187,7 @@ def test_absurd_usage_is_clamped_and_no_spend_is_lost(
     assert beta_before == cost(beta)
     assert any(x["request_id"] == absurd.headers["x-request-id"] for x in lines)
     assert 'tallygate_event="usage_clamped"' in metrics
+    assert len(marked) == 1 and any("above the bound" in a for a in marked[0])
     # a restart: every team's spend is intact to the nano-dollar
     with running_gateway(cfg) as gw:
         assert spent(gw.url) == alpha_before

@@ -169,6 +169,67 @@ def test_ssn(redactor: Redactor, text: str, hit: bool) -> None:
     assert ("[SSN]" in out) is hit
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("SSN: 711 44 9981", "SSN: [SSN]"),
+        ("ssn is 711 44 9981 per the form", "ssn is [SSN] per the form"),
+        ("Social Security number 711  44  9981.", "Social Security number [SSN]."),
+        ("social-security no 711 44 9981", "social-security no [SSN]"),
+        ("Soc. Sec. 711 44 9981", "Soc. Sec. [SSN]"),
+        ("soc sec 711 44 9981", "soc sec [SSN]"),
+        ("SS#711 44 9981", "SS#[SSN]"),
+        ("SSNs: 711 44 9981, 212 34 5678", "SSNs: [SSN], [SSN]"),
+        ('{"ssn": "711 44 9981"}', '{"ssn": "[SSN]"}'),
+        # the cue ends 30 characters before the number: still near
+        ("SSN" + "~" * 29 + " 711 44 9981", "SSN" + "~" * 29 + " [SSN]"),
+    ],
+)
+def test_ssn_with_spaces_after_a_cue(redactor: Redactor, text: str, expected: str) -> None:
+    out, counts = redactor.redact(text)
+    assert out == expected
+    assert counts == {"ssn": expected.count("[SSN]")}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("711 44 9981", "711 44 9981"),  # no cue
+        ("room 711 44 9981", "room 711 44 9981"),
+        ("assn 711 44 9981", "assn 711 44 9981"),  # a word ending in ssn is no cue
+        ("SSN" + "~" * 30 + " 711 44 9981", "SSN" + "~" * 30 + " 711 44 9981"),  # too far
+        ("SSN 666 44 9981", "SSN 666 44 9981"),  # never issued
+        ("SSN 711 00 9981", "SSN 711 00 9981"),
+        ("SSN 711 44 99812", "SSN 711 44 99812"),
+        ("SSN batch 4000 711 44 9981 22", "SSN batch 4000 711 44 9981 22"),  # a longer run
+        ("SSN 711 44 9981 5", "SSN 711 44 9981 5"),
+        ("SSN 711 44-9981", "SSN 711 44-9981"),  # mixed separators
+        # phone numbers near a cue stay phone numbers (or nothing), never SSNs
+        ("SSN office: call 555 123 4567", "SSN office: call 555 123 4567"),
+        ("SSN office: call 415 555 2671", "SSN office: call [PHONE]"),
+        ("SSN hotline +1 415 555 2671", "SSN hotline [PHONE]"),
+        ("SSN desk +44 20 7946 0958", "SSN desk [PHONE]"),
+        ("social security: 020 7946 0958", "social security: [PHONE]"),
+    ],
+)
+def test_ssn_with_spaces_negatives(redactor: Redactor, text: str, expected: str) -> None:
+    out, counts = redactor.redact(text)
+    assert out == expected
+    assert "ssn" not in counts
+
+
+def test_finds_reports_without_masking(redactor: Redactor) -> None:
+    assert redactor.finds("sk-proj-abcdefghijklmnopqrstuvwxyz0123456789ABCD")
+    assert redactor.finds("to: dave@example.com")
+    assert not redactor.finds("req_9f8e7d6c5b4a43218765")
+    assert not redactor.finds("")
+
+
+def test_spaced_ssn_hash_tag_matches_the_dashed_one() -> None:
+    hashed = Redactor(RedactionConfig(replacement="hash", hash_key="k"))
+    assert masked(hashed, "SSN 711 44 9981")[4:] == masked(hashed, "711-44-9981")
+
+
 GB = "GB82WEST12345698765432"
 DE = "DE89370400440532013000"
 

@@ -232,9 +232,34 @@ def _ssns(rng: random.Random) -> list[Example]:
         value = f"{area:03d}-{rng.randint(1, 99):02d}-{rng.randint(1, 9999):04d}"
         text = next(templates).format(v=value, name=_FIRST[i % len(_FIRST)].capitalize())
         out.append(Example(text, "ssn", value))
-    # known gap, kept to be measured: an SSN written with spaces
+    # written with spaces (found when a cue stands before it)
     value = f"{rng.randint(100, 599)} {rng.randint(10, 99)} {rng.randint(1000, 9999)}"
     out.append(Example(f"ssn is {value} per the form", "ssn", value))
+    return out
+
+
+_SPACED_SSN_TEMPLATES = [
+    "SSN: {v}",
+    "Her social security number is {v}, please verify.",
+    "Soc. Sec. {v} (on the W-2)",
+    "SS# {v}",
+    "applicant ssn  {v}",
+    "Social-Security no. {v}; DOB 1990-01-01",
+    '{{"ssn": "{v}", "state": "TX"}}',
+    "Update the SOCIAL SECURITY field to {v} before filing.",
+]
+
+
+def _spaced_ssns() -> list[Example]:
+    """SSNs written with one or two spaces, a cue before them. Their own generator, so that
+    adding them changed none of the other examples."""
+    rng = random.Random(1936)
+    out = []
+    for i, template in enumerate(_SPACED_SSN_TEMPLATES):
+        area = rng.choice([n for n in range(1, 900) if n != 666])
+        sep = "  " if i % 3 == 2 else " "
+        value = f"{area:03d}{sep}{rng.randint(1, 99):02d}{sep}{rng.randint(1, 9999):04d}"
+        out.append(Example(template.format(v=value), "ssn", value))
     return out
 
 
@@ -384,7 +409,7 @@ def pii_examples() -> list[Example]:
     rng = random.Random(20240315)
     return [
         *_emails(rng), *_phones(rng), *_cards(rng), *_ssns(rng), *_ibans(rng), *_ips(rng),
-        *_secrets(rng),
+        *_secrets(rng), *_spaced_ssns(),
     ]  # fmt: skip
 
 
@@ -476,4 +501,25 @@ def benign_sentences() -> list[str]:
         lambda: f"std::vector<int> v({n(1, 99)}); v[::{n(2, 5)}] is Python, not C++.",
         lambda: f"The key: use {n(2, 9)} spaces for indentation and wrap at {n(80, 120)} columns.",
     ]  # fmt: skip
-    return [makers[i % len(makers)]() for i in range(260)]
+    return [makers[i % len(makers)]() for i in range(260)] + _ssn_lookalikes()
+
+
+def _ssn_lookalikes() -> list[str]:
+    """Numbers in the 3-2-4 shape of an SSN with spaces but no cue near them, and SSN cues
+    near phone numbers and other numbers (their own generator: the sentences above stay)."""
+    rng = random.Random(1937)
+
+    def n(lo: int, hi: int) -> int:
+        return rng.randint(lo, hi)
+
+    makers = [
+        lambda: f"Bin {n(100, 899)} {n(10, 99)} {n(1000, 9999)} holds the spare fuses.",
+        lambda: f"Part no. {n(100, 899)} {n(10, 99)} {n(1000, 9999)} fits the 2019 model.",
+        lambda: f"The SSN column was dropped from the export schema last year; shelf {n(100, 899)} {n(10, 99)} {n(1000, 9999)} is free.",
+        lambda: f"The SSN lookup took {n(100, 900)} ms over {n(10, 99)} calls on {n(2, 9)} cores.",
+        lambda: f"Social security office hours are {n(8, 10)}:00 to {n(15, 17)}:00, room {n(100, 999)}.",
+        lambda: f"SSN validation failed for {n(10, 99)} of {n(1000, 9999)} records in batch {n(100, 999)}.",
+        lambda: f"SSN form v{n(1, 9)}.{n(0, 9)}, page {n(1, 20)} of {n(20, 40)}, revised {n(1990, 2024)}.",
+        lambda: f"Lot numbers (not SSNs): {n(1000, 9999)} {n(100, 899)} {n(10, 99)} {n(1000, 9999)} {n(10, 99)}.",
+    ]  # fmt: skip
+    return [makers[i % len(makers)]() for i in range(24)]
