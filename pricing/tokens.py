@@ -7,14 +7,17 @@ values under `role`, `content` and `name`, for a model whose tiktoken encoding w
 Everything else is a documented approximation and is marked estimated=True:
 
 - content as a list of parts: text parts encoded and summed (one text part is exact);
-  images a fixed IMAGE_TOKENS_LOW (detail "low") or IMAGE_TOKENS_HIGH (otherwise: a
-  1024x1024 image in gpt-4o's 512px-tile scheme); audio and file payloads not counted.
+  images, files and audio (chat, Responses and Anthropic shapes, tool_result content too)
+  at an upper bound by the provider's published rules, in pricing/media.py: the image's
+  size read from its header bytes, the family's largest image when it cannot be read;
+  a PDF's pages, a file's bytes, audio's duration. Anthropic text documents are encoded.
+  Parts nested deeper than MAX_PART_DEPTH are walked without recursion.
 - assistant `tool_calls`: name + arguments encoded, + TOKENS_PER_TOOL_CALL each.
 - `tools` / `functions`: the cookbook's `num_tokens_for_tools` constants (gpt-4o values
   for o200k models, gpt-4/3.5 values otherwise); nested schemas encoded as compact JSON.
 - `response_format` json_schema: the schema encoded as compact JSON.
 - other models (claude-*, gemini-*, llama, mistral...): o200k_base.
-- no encoding loadable (no cache, no network): ceil(chars / 4), warned about once.
+- no encoding loadable (packaged file damaged or missing; other encodings: no cache, no network): ceil(chars / 4), warned about once.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from typing import Any, NamedTuple
 
 import tiktoken
 
+from . import encodings, media
 from .table import PROVIDER_PREFIXES
 
 log = logging.getLogger("tallygate.pricing")
@@ -43,8 +47,7 @@ TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
 REPLY_PRIMING = 3
 TOKENS_PER_TOOL_CALL = 3
-IMAGE_TOKENS_LOW = 85
-IMAGE_TOKENS_HIGH = 765  # 85 + 170 x 4 tiles
+MAX_PART_DEPTH = 32  # tool_result / document nesting counted by recursion; deeper: a walk
 CHARS_PER_TOKEN = 4
 INLINE_LIMIT_CHARS = 16_384  # larger requests are counted in a worker thread
 # cookbook num_tokens_for_tools: (func_init, prop_init, prop_key, enum_init, enum_item, func_end)
@@ -53,7 +56,8 @@ _TOOL_CONSTANTS_CL100K = (10, 3, 3, -3, 3, 12)
 _EXACT_KEYS = frozenset({"role", "content", "name"})
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
 _IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
-_BINARY_PARTS = frozenset({"input_audio", "file", "input_file", "document"})
+_FILE_PARTS = frozenset({"file", "input_file", "document"})
+_MEDIA_PARTS = _IMAGE_PARTS | _FILE_PARTS | {"input_audio"}
 
 Count = Callable[[str], int]
 
@@ -102,11 +106,11 @@ class TokenCounter:
         total, approx = REPLY_PRIMING, False
         system = body.get("system")
         if system:  # Anthropic Messages: the system prompt sits beside the messages
-            n, _ = _content(count, system)
+            n, _ = _content(count, system, model)
             total += TOKENS_PER_MESSAGE + count("system") + n
             approx = True
         for message in body.get("messages") or ():
-            n, a = _message(count, message)
+            n, a = _message(count, message, model)
             total += n
             approx = approx or a
         functions = body.get("tools") or body.get("functions")
@@ -195,7 +199,7 @@ class TokenCounter:
 
         def run() -> None:
             try:
-                self._encodings[name] = _lean(tiktoken.get_encoding(name))
+                self._encodings[name] = _lean(encodings.get_encoding(name))
             except BaseException as exc:  # reported below, in the caller's thread
                 errors.append(exc)
 
@@ -205,15 +209,17 @@ class TokenCounter:
         if name in self._encodings:
             return
         self._failed.add(name)
-        reason = repr(errors[0]) if errors else f"timed out after {self._load_timeout_s}s"
+        if errors:
+            reason = f"{type(errors[0]).__name__}: {errors[0]}"
+        else:
+            reason = f"timed out after {self._load_timeout_s}s"
         if not self._warned:
             self._warned = True
             log.warning(
                 "tiktoken encoding %s could not be loaded (%s); token counts fall back to "
-                "estimates and are marked estimated. Set TIKTOKEN_CACHE_DIR to a directory "
-                "holding the encoding files.",
+                "estimates and are marked estimated.",
                 name,
-                reason[:300],
+                reason,
             )
 
 
@@ -253,7 +259,7 @@ def _json(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
-def _message(count: Count, message: Any) -> tuple[int, bool]:
+def _message(count: Count, message: Any, model: str = "") -> tuple[int, bool]:
     """One message by the cookbook formula; (tokens, approximate)."""
     if not isinstance(message, Mapping):
         return 0, True
@@ -267,7 +273,7 @@ def _message(count: Count, message: Any) -> tuple[int, bool]:
                 total += TOKENS_PER_NAME
             approx = approx or key not in _EXACT_KEYS
         elif key == "content":
-            n, a = _content(count, value)
+            n, a = _content(count, value, model)
             total += n
             approx = approx or a
         elif key == "tool_calls" and isinstance(value, list):
@@ -282,43 +288,104 @@ def _message(count: Count, message: Any) -> tuple[int, bool]:
     return total, approx
 
 
-def _content(count: Count, content: Any) -> tuple[int, bool]:
+def _content(count: Count, content: Any, model: str = "", depth: int = 0) -> tuple[int, bool]:
     """A content string or list of parts; (tokens, approximate)."""
     if isinstance(content, str):
         return count(content), False
+    if depth > MAX_PART_DEPTH:
+        return _walk(count, content, model), True
     if not isinstance(content, list):
-        return count(_json(content)), True
+        return _opaque(count, content, model), True
     total, approx = 0, len(content) != 1
     for part in content:
-        n, a = _part(count, part)
+        n, a = _part(count, part, model, depth)
         total += n
         approx = approx or a
     return total, approx
 
 
-def _part(count: Count, part: Any) -> tuple[int, bool]:
+def _part(count: Count, part: Any, model: str = "", depth: int = 0) -> tuple[int, bool]:
     if isinstance(part, str):
         return count(part), True
     if not isinstance(part, Mapping):
         return 0, True
     kind = part.get("type")
+    if not isinstance(kind, str):  # also keeps an unhashable "type" out of the set lookups
+        return _opaque(count, part, model), True
     if kind in _TEXT_PARTS and isinstance(part.get("text"), str):
         return count(part["text"]), False
-    if kind in _IMAGE_PARTS:
-        return _image(part), True
-    if kind in _BINARY_PARTS:
-        return 0, True
+    if kind in _MEDIA_PARTS:
+        blocks = _document_blocks(part)
+        if blocks is not None:  # Anthropic document with a content source
+            n, _ = _content(count, blocks, model, depth + 1)
+            return n + _file_names(count, part), True
+        return _media(count, kind, part, model), True
     if kind == "tool_use":  # Anthropic
-        return count(str(part.get("name") or "")) + count(_json(part.get("input"))), True
+        return count(str(part.get("name") or "")) + _opaque(count, part.get("input"), model), True
     if kind == "tool_result":  # Anthropic
-        return _content(count, part.get("content") or "")[0], True
-    return count(_json(part)), True
+        return _content(count, part.get("content") or "", model, depth + 1)[0], True
+    return _opaque(count, part, model), True
 
 
-def _image(part: Mapping[str, Any]) -> int:
-    url = part.get("image_url")
-    detail = url.get("detail") if isinstance(url, Mapping) else part.get("detail")
-    return IMAGE_TOKENS_LOW if detail == "low" else IMAGE_TOKENS_HIGH
+def _media(count: Count, kind: str, part: Mapping[str, Any], model: str) -> int:
+    """An image, audio or file part at its upper bound (pricing/media.py)."""
+    name = _base_model(model)
+    if kind in _IMAGE_PARTS:
+        return media.image_tokens(name, part)
+    if kind == "input_audio":
+        return media.audio_tokens(name, part)
+    source = part.get("source")
+    names = _file_names(count, part)
+    if isinstance(source, Mapping) and source.get("type") == "text":  # Anthropic
+        data = source.get("data")
+        return names + (count(data) if isinstance(data, str) else 0)
+    return names + media.file_tokens(name, part)
+
+
+def _document_blocks(part: Mapping[str, Any]) -> Any:
+    source = part.get("source")
+    if part.get("type") == "document" and isinstance(source, Mapping):
+        if source.get("type") == "content":
+            return source.get("content") or ""
+    return None
+
+
+def _file_names(count: Count, part: Mapping[str, Any]) -> int:
+    """A file's name, an Anthropic document's title and context: text the model sees."""
+    inner = part.get("file")
+    fields = inner if isinstance(inner, Mapping) else part
+    values = (part.get("title"), part.get("context"), fields.get("filename"))
+    return sum(count(value) for value in values if isinstance(value, str))
+
+
+def _opaque(count: Count, value: Any, model: str) -> int:
+    """Any other JSON as compact JSON text; nested too deep for that, walked."""
+    try:
+        return count(_json(value))
+    except RecursionError:
+        return _walk(count, value, model)
+
+
+def _walk(count: Count, value: Any, model: str) -> int:
+    """Parts nested past MAX_PART_DEPTH, without recursion: every string encoded, media
+    parts at their bounds, keys and punctuation not counted (the count is estimated)."""
+    total, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += count(item)
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, Mapping):
+            kind, blocks = item.get("type"), _document_blocks(item)
+            if blocks is not None:
+                stack.append(blocks)
+                total += _file_names(count, item)
+            elif isinstance(kind, str) and kind in _MEDIA_PARTS:
+                total += _media(count, kind, item, model)
+            else:
+                stack.extend(item.values())
+    return total
 
 
 def _tool_call(count: Count, call: Any) -> int:

@@ -362,3 +362,37 @@ def test_a_snapshot_of_a_family_that_does_not_share_its_price_is_unknown(
         r = post(gw.url, chat("dated"))
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "price_unknown"
+
+
+# ---- every input part counts ----------------------------------------------------------------
+
+
+def test_fifty_high_detail_images_are_reserved_by_the_published_formula(
+    gateway_config: dict,
+) -> None:
+    # gpt-4o-mini bills an image 2,833 + 5,667 per tile: 50 of unknown size are >= 1.27M
+    # tokens (~$0.19); counted as 765 each (38k tokens, ~$0.006) they passed a $0.1 budget
+    image = {"type": "image_url", "image_url": {"url": "https://example.com/i.png", "detail": "high"}}  # fmt: skip
+    parts = [{"type": "text", "text": "describe these"}] + [image] * 50
+    with running_gateway(budget(gateway_config, "0.1")) as gw:
+        refused = post(gw.url, chat(content=parts, max_tokens=10))
+        served = post(gw.url, chat(content=parts[:2], max_tokens=10))
+    assert refused.status_code == 429
+    prompt = int(refused.json()["error"]["message"].split("alone (~")[1].split(" ")[0])
+    assert prompt >= 1_270_000
+    assert served.status_code == 200
+
+
+def test_a_file_part_is_counted_from_its_size(gateway_config: dict) -> None:
+    import base64
+
+    pdf = b"%PDF-1.4\n" + b"".join(
+        b"%d 0 obj << /Type /Page >> endobj\n" % i for i in range(40)
+    ) + b"x" * 400_000  # fmt: skip
+    data = "data:application/pdf;base64," + base64.b64encode(pdf).decode()
+    part = {"type": "file", "file": {"filename": "report.pdf", "file_data": data}}
+    with running_gateway(budget(gateway_config, "0.005")) as gw:
+        refused = post(gw.url, chat(content=[{"type": "text", "text": "summarise"}, part], max_tokens=10))  # fmt: skip
+        served = post(gw.url, chat(content="summarise", max_tokens=10))
+    assert refused.status_code == 429  # counted as 0 tokens before
+    assert served.status_code == 200

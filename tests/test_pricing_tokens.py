@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -18,27 +16,20 @@ import pytest
 import tiktoken
 
 from pricing import tokens as tokens_module
-from pricing.tokens import (
-    IMAGE_TOKENS_HIGH,
-    IMAGE_TOKENS_LOW,
-    TokenCount,
-    TokenCounter,
-)
+from pricing.encodings import get_encoding
+from pricing.tokens import TokenCount, TokenCounter
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
 def o200k() -> tiktoken.Encoding:
-    try:
-        return tiktoken.get_encoding("o200k_base")
-    except Exception as exc:  # make the cause obvious instead of a wall of failures
-        pytest.fail(f"o200k_base not loadable ({exc!r}); set TIKTOKEN_CACHE_DIR")
+    return get_encoding("o200k_base")  # the packaged file (pricing/encodings)
 
 
 @pytest.fixture(scope="module")
 def cl100k() -> tiktoken.Encoding:
-    return tiktoken.get_encoding("cl100k_base")
+    return get_encoding("cl100k_base")
 
 
 @pytest.fixture
@@ -144,7 +135,7 @@ def test_loaded_encoding_keeps_no_python_rank_table(counter: TokenCounter) -> No
     # tiktoken's Python copy of the ranks (~30 MB for o200k) only serves pickling
     text = "Rank tables live in Rust; this sentence still round-trips. 🎉"
     n = counter.count_text("gpt-4o", text).tokens
-    encoding = tiktoken.get_encoding("o200k_base")  # the registry's object, now lean
+    encoding = get_encoding("o200k_base")  # the registry's object, now lean
     assert encoding._mergeable_ranks == {}
     ids = encoding.encode_ordinary(text)
     assert len(ids) == n > 5
@@ -313,9 +304,11 @@ def test_multi_part_content(counter: TokenCounter, o200k: tiktoken.Encoding) -> 
         {"type": "text", "text": "And this one?"},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}},
     ]
+    # sizes unknown (a URL; a PNG signature with no header): gpt-4o's largest image per
+    # detail, 85 at "low" and 85 + 170 x 8 tiles otherwise (tests/test_pricing_media.py)
     expected = (
-        3 + n(o200k, "user") + n(o200k, "What is in this image?") + IMAGE_TOKENS_LOW
-        + n(o200k, "And this one?") + IMAGE_TOKENS_HIGH + 3
+        3 + n(o200k, "user") + n(o200k, "What is in this image?") + 85
+        + n(o200k, "And this one?") + 1445 + 3
     )  # fmt: skip
     body = {"messages": [{"role": "user", "content": parts}]}
     assert counter.count_chat("gpt-4o", body) == TokenCount(expected, True)
@@ -436,14 +429,14 @@ async def test_first_count_loads_encodings_off_the_event_loop() -> None:
 def test_load_that_hangs_times_out_then_lands(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    real = tiktoken.get_encoding
+    real = tokens_module.encodings.get_encoding
     release = threading.Event()
 
     def slow(name: str) -> tiktoken.Encoding:
         release.wait(10)
         return real(name)
 
-    monkeypatch.setattr(tokens_module.tiktoken, "get_encoding", slow)
+    monkeypatch.setattr(tokens_module.encodings, "get_encoding", slow)
     counter = TokenCounter(load_timeout_s=0.05)
     with caplog.at_level(logging.WARNING, logger="tallygate.pricing"):
         first = counter.count_text("gpt-4o", "x" * 10)
@@ -460,53 +453,6 @@ def test_load_that_hangs_times_out_then_lands(
     assert counter.count_text("gpt-4o", "x" * 10) == TokenCount(
         len(real("o200k_base").encode("x" * 10)), False
     )
-
-
-FALLBACK_SCRIPT = """
-import json, logging, sys
-logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s")
-from pricing.tokens import TokenCounter
-counter = TokenCounter(cache_dir=sys.argv[1])
-out = [
-    counter.count_text("gpt-4o", "x" * 10),
-    counter.count_text("gpt-4", "hello"),
-    counter.count_text("claude-sonnet-4-5", "abcdefghi"),
-    counter.count_chat("gpt-4o-mini", {"messages": [{"role": "user", "content": "abcdefgh"}]}),
-    counter.count_prompt("gpt-3.5-turbo-instruct", [1, 2, 3]),
-]
-print(json.dumps(out))
-"""
-
-
-def test_no_encodings_estimates_and_warns_once(tmp_path: Path) -> None:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("TIKTOKEN_CACHE_DIR", "DATA_GYM_CACHE_DIR")
-    }
-    # tiktoken downloads with requests: a dead proxy makes any attempt fail at once, even
-    # where DNS would otherwise hang; the counter's load timeout is the second guard.
-    env.update(HTTPS_PROXY="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9", NO_PROXY="")
-    empty = tmp_path / "empty-cache"
-    empty.mkdir()
-    result = subprocess.run(
-        [sys.executable, "-c", FALLBACK_SCRIPT, str(empty)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 0, result.stderr
-    counts = [TokenCount(*c) for c in json.loads(result.stdout)]
-    assert counts == [
-        TokenCount(3, True),  # ceil(10 / 4)
-        TokenCount(2, True),  # ceil(5 / 4)
-        TokenCount(3, True),  # ceil(9 / 4)
-        TokenCount(3 + 1 + 2 + 3, True),  # message + ceil(4/4) "user" + ceil(8/4) + priming
-        TokenCount(3, False),  # token arrays need no encoding
-    ]
-    assert result.stderr.count("tallygate.pricing WARNING") == 1, result.stderr
-    assert "could not be loaded" in result.stderr
-    assert not any(empty.iterdir())
 
 
 def test_chars_per_token_estimate_rounds_up() -> None:
