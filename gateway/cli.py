@@ -249,11 +249,15 @@ def run_server(config: Config, args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     workers = args.workers or config.server.workers
+    from gateway.http_limits import LimitedHttpToolsProtocol, http_limits
+
+    limits, backlog = http_limits(config)
     options = dict(
         host=host,
         port=port,
         loop=event_loop(),
-        http="httptools",
+        http=LimitedHttpToolsProtocol.factory(limits),  # pickled to each worker with its limits
+        backlog=backlog,
         lifespan="on",
         access_log=False,
         log_level="warning",

@@ -38,6 +38,12 @@ class ServerConfig(Strict):
     drain_timeout_s: float = Field(
         default=30, ge=0
     )  # SIGTERM: wait this long for in-flight requests
+    # Limits at the HTTP layer (gateway/http_limits.py), safe for an internet-facing process.
+    max_header_kb: int = Field(default=64, ge=1)  # URL + headers; over it: 431
+    header_timeout_s: float = Field(default=10, gt=0)  # to send a request head; then closed
+    max_connections: int = Field(default=10000, ge=1)  # per worker; more: 503 and closed
+    # deeper bodies: 400; the JSON encoder (orjson) stops at 254 levels, telemetry adds a few
+    max_json_depth: int = Field(default=64, ge=1, le=128)
 
 
 class ProviderConfig(Strict):

@@ -107,6 +107,19 @@ def test_every_error_is_reported_at_once() -> None:
     assert "server.port" in msg and "server.workers" in msg
 
 
+def test_http_limits_default_to_internet_safe_values() -> None:
+    server = parse_config(MINIMAL, env={}).server
+    assert server.max_header_kb == 64 and server.header_timeout_s == 10
+    assert server.max_connections == 10000 and server.max_json_depth == 64
+
+
+def test_http_limits_are_checked_and_named_by_key_path() -> None:
+    bad = {"max_header_kb": 0, "header_timeout_s": 0, "max_connections": 0, "max_json_depth": 129}
+    msg = error_for(with_({"server": bad}))
+    for key in bad:
+        assert f"server.{key}" in msg
+
+
 def test_example_config_loads() -> None:
     cfg = load_config(REPO / "config.yaml", env={})
     assert "demo" in cfg.models and cfg.store.backend == "local"
