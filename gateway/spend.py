@@ -9,7 +9,7 @@ from typing import Any
 from gateway.config import Config
 from policies.budget import budget_scopes
 from policies.config import BudgetConfig
-from policies.store import BudgetScope, Store
+from policies.store import BudgetScope, Store, balances_by_group
 from pricing.cost import format_usd
 
 
@@ -27,8 +27,9 @@ async def spend_report(
         for key in keys:
             key_scope = budget_scopes(name, key, None, tcfg.key_budget, now)[1]
             wanted.append((name, key, key_scope, tcfg.key_budget))
-    # balances: exactly these scopes in their current periods, in order (no scan)
-    rows = await store.balances(tuple(scope for _, _, scope, _ in wanted))
+    # balances: exactly these scopes in their current periods, in order (no scan); one
+    # call per team, since one call's scopes share a group (one Redis hash tag)
+    rows = await balances_by_group(store, tuple(scope for _, _, scope, _ in wanted))
     report = []
     for (name, key, scope, budget), row in zip(wanted, rows, strict=True):
         spent, reserved = row.spent_nano, row.reserved_nano

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from decimal import Decimal
-from typing import Literal
+from typing import Literal, Self
+from urllib.parse import urlparse
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Period = Literal["daily", "weekly", "monthly", "total"]
 
@@ -27,10 +28,18 @@ class RateLimitConfig(Strict):
 
 
 class StoreConfig(Strict):
-    backend: Literal["local", "redis"] = "local"
+    # redis_cluster: redis_url names any node of a Redis Cluster (its database 0)
+    backend: Literal["local", "redis", "redis_cluster"] = "local"
     path: str = "./tallygate.db"
     redis_url: str = "redis://localhost:6379/0"
     on_error: Literal["fail_closed", "fail_open"] = "fail_closed"
     # A reservation whose request died with its process is released after this long.
     reservation_ttl_s: float = Field(default=900, gt=0)
     timeout_s: float = Field(default=2.0, gt=0)  # per store call (Redis socket timeouts)
+
+    @model_validator(mode="after")
+    def _cluster_has_one_database(self) -> Self:
+        # said at config load, rather than by the cluster client when the gateway starts
+        if self.backend == "redis_cluster" and urlparse(self.redis_url).path not in ("", "/", "/0"):
+            raise ValueError("store.redis_url: a Redis Cluster has only database 0")
+        return self

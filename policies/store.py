@@ -1,12 +1,15 @@
 """The store interface: atomic budget reservations and rate windows, shared by every backend.
 
-Backends: ``policies.store_local.LocalStore`` (SQLite ledger + windows) and
-``policies.store_redis.RedisStore`` (Lua scripts). Both pass ``tests/test_store_contract.py``.
-Money is integer nano-USD throughout, within the bounds below.
+Backends: ``policies.store_local.LocalStore`` (SQLite ledger + windows),
+``policies.store_redis.RedisStore`` (Lua scripts) and
+``policies.store_redis_cluster.RedisClusterStore`` (the same scripts on a Redis Cluster).
+All pass ``tests/test_store_contract.py``. Money is integer nano-USD throughout, within
+the bounds below.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
@@ -101,7 +104,12 @@ class SpendRow:
 
 
 class Store(Protocol):
-    """What the gateway needs from a store. Every method may raise StoreError."""
+    """What the gateway needs from a store. Every method may raise StoreError.
+
+    The scopes of one call (reserve, balances, rate_acquire, ...) must share one ``group``
+    (ValueError otherwise): on Redis they are one hash tag, one Cluster slot, one script.
+    ``balances_by_group`` reads scopes of many groups (the spend report).
+    """
 
     async def start(self) -> None: ...
     async def close(self) -> None: ...
@@ -165,6 +173,33 @@ def clamp_actual(request_id: str, actual_nano: int) -> int:
     return clamped
 
 
+async def balances_by_group(
+    store: Store, scopes: tuple[BudgetScope, ...], *, concurrency: int = 16
+) -> list[SpendRow]:
+    """``store.balances`` of scopes of any number of groups: one call per group, at most
+    ``concurrency`` at a time; one row per scope, in order. The first StoreError cancels
+    the calls still running and is raised."""
+    by_group: dict[str, list[int]] = {}
+    for i, scope in enumerate(scopes):
+        by_group.setdefault(scope.group, []).append(i)
+    rows: list[SpendRow | None] = [None] * len(scopes)
+    gate = asyncio.Semaphore(concurrency)
+
+    async def read(indexes: list[int]) -> None:
+        async with gate:
+            got = await store.balances(tuple(scopes[i] for i in indexes))
+        for i, row in zip(indexes, got, strict=True):
+            rows[i] = row
+
+    try:
+        async with asyncio.TaskGroup() as tasks:
+            for indexes in by_group.values():
+                tasks.create_task(read(indexes))
+    except ExceptionGroup as group:
+        raise group.exceptions[0] from None
+    return rows  # type: ignore[return-value]  # every index was filled
+
+
 def open_store(config: StoreConfig, *, processes: int = 1) -> Store:
     """Build (not start) the configured store; the backend module is imported only here.
 
@@ -175,6 +210,10 @@ def open_store(config: StoreConfig, *, processes: int = 1) -> Store:
         from policies.store_redis import RedisStore
 
         return RedisStore(config)
+    if config.backend == "redis_cluster":
+        from policies.store_redis_cluster import RedisClusterStore
+
+        return RedisClusterStore(config)
     from policies.store_local import LocalStore
 
     return LocalStore(config, processes=processes)

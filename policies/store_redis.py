@@ -5,7 +5,7 @@ slot; the tag is the team name with ``%``, ``{`` and ``}`` percent-encoded)::
 
     tallygate:{tag}:ledger:<scope_id>:<period_key>  hash   spent, reserved (nano-USD)
     tallygate:{tag}:resv:<scope_id>:<period_key>    zset   "<amount>:<request_id>" by expiry (ms)
-    tallygate:{tag}:req:<request_id>                string "r" reserved | "s" settled
+    tallygate:{tag}:req:<request_id>                string "r:<call token>" reserved | "s" settled
     tallygate:{tag}:rate:<scope_id>                 hash   at (ms), r, t: GCRA bucket levels
 
 Ledger and reservation sets of a dated period expire 35 days after the period ends
@@ -16,19 +16,31 @@ Lua numbers are doubles: amounts and limits are exact up to 2**53 nano-USD (~9M 
 No script can make Redis overflow: one amount is at most MAX_AMOUNT_NANO (refused or
 clamped in Python, and again in Lua), and every change of spent or reserved goes through
 ``bump``, which checks before HINCRBY and saturates within [0, MAX_LEDGER_NANO].
+
+Recovery: redis-py retries a call once on a connection error or timeout (a pooled
+connection that died with a Redis restart), on a fresh connection, within the call's
+``timeout_s``. A retried script may have run already (its reply was lost): settle is a
+no-op the second time (the request is marked settled), reserve recognises its own mark
+(a token per call) and answers "reserved" again, the reads change nothing but expired
+reservations; only the rate scripts could count one request twice (toward limiting).
+``RedisClusterStore`` (policies/store_redis_cluster.py) runs the same scripts on a cluster.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from policies.config import StoreConfig
 from policies.ratelimit import rate_state
@@ -51,7 +63,7 @@ T = TypeVar("T")
 PREFIX = "tallygate"
 LEDGER_GRACE_S = 35 * 86400  # a dated period's keys expire this long after it ends
 _MAX_CONNECTIONS = 128
-_HEALTH_CHECK_S = 30
+_HEALTH_CHECK_S = 30  # a connection idle longer is PINGed before its next command
 
 # bump(): field += delta within [0, MAX_LEDGER]. The sum is checked in doubles before
 # HINCRBY (Redis' int64 add errors on overflow); near the bound a double is off by < 1024,
@@ -97,19 +109,24 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 )
 
 # KEYS: req, then (ledger, zset) per scope.
-# ARGV: member, amount, ttl_ms, then (limit or '', expireat or 0) per scope.
+# ARGV: member, amount, ttl_ms, call token, then (limit or '', expireat or 0) per scope.
 # Returns {1} reserved | {0, scope index, spent, reserved} refused | {-1} request id in use
 # | {-2} amount outside [0, MAX_AMOUNT] (Python refuses it first; this is the last guard).
+# The request is marked "r:<call token>": a retry of the same call (its reply was lost)
+# finds its own mark and answers {1} again instead of "in use"; another call gets {-1}.
 _RESERVE = (
     _SWEEP_FN
     + """
 local amount = tonumber(ARGV[2])
 if not amount or amount < 0 or amount > MAX_AMOUNT then return {-2} end
-if redis.call('EXISTS', KEYS[1]) == 1 then return {-1} end
+local mark = 'r:' .. ARGV[4]
+local held = redis.call('GET', KEYS[1])
+if held == mark then return {1} end
+if held then return {-1} end
 local n = (#KEYS - 1) / 2
 for i = 1, n do sweep(KEYS[2 * i], KEYS[2 * i + 1], now) end
 for i = 1, n do
-  local limit = ARGV[2 + 2 * i]
+  local limit = ARGV[3 + 2 * i]
   if limit ~= '' then
     local v = redis.call('HMGET', KEYS[2 * i], 'spent', 'reserved')
     if (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0) + amount > tonumber(limit) then
@@ -119,7 +136,7 @@ for i = 1, n do
 end
 local ttl = tonumber(ARGV[3])
 for i = 1, n do
-  local ledger, zset, expireat = KEYS[2 * i], KEYS[2 * i + 1], tonumber(ARGV[3 + 2 * i])
+  local ledger, zset, expireat = KEYS[2 * i], KEYS[2 * i + 1], tonumber(ARGV[4 + 2 * i])
   bump(ledger, 'reserved', amount)
   redis.call('ZADD', zset, int(now + ttl), ARGV[1])
   if expireat > now / 1000 then
@@ -127,7 +144,7 @@ for i = 1, n do
     redis.call('EXPIREAT', zset, expireat)
   end
 end
-redis.call('SET', KEYS[1], 'r', 'PX', int(2 * ttl))
+redis.call('SET', KEYS[1], mark, 'PX', int(2 * ttl))
 return {1}
 """
 )
@@ -286,14 +303,16 @@ class RedisStore:
         self._config = config
         self._clock = clock
         self._ttl_ms = max(1, round(config.reservation_ttl_s * 1000))
-        self._client: Redis | None = None
+        self._client: Redis | RedisCluster | None = None
         self._scripts: dict[str, Any] = {}
+        # At most as many calls in flight as connections: the cluster client raises rather
+        # than waits when a node's connections are all in use (the plain pool would wait).
+        self._slots = asyncio.Semaphore(_MAX_CONNECTIONS)
 
     # lifecycle
 
-    async def start(self) -> None:
-        if self._client is not None:
-            return
+    def _connect(self) -> Redis | RedisCluster:
+        """The client (no connection opened yet); RedisClusterStore builds a cluster client."""
         timeout = self._config.timeout_s
         pool = BlockingConnectionPool.from_url(
             self._config.redis_url,
@@ -301,10 +320,16 @@ class RedisStore:
             timeout=timeout,  # waiting for a free connection
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            socket_keepalive=True,  # a peer gone without a FIN is noticed while idle
             health_check_interval=_HEALTH_CHECK_S,
-            retry=Retry(NoBackoff(), 0),  # fail within timeout_s; on_error decides, not retries
+            retry=recovery_retry(),
         )
-        client = Redis.from_pool(pool)
+        return Redis.from_pool(pool)
+
+    async def start(self) -> None:
+        if self._client is not None:
+            return
+        client = self._connect()
         self._scripts = {
             name: client.register_script(source)
             for name, source in (
@@ -339,7 +364,8 @@ class RedisStore:
         _distinct(scopes)
         group = _one_group(scopes)
         keys = [request_key(group, request_id), *_budget_keys(group, scopes)]
-        args: list[Any] = [_member(request_id, amount_nano), amount_nano, self._ttl_ms]
+        token = os.urandom(8).hex()  # this call's mark: a retry of it is not "in use"
+        args: list[Any] = [_member(request_id, amount_nano), amount_nano, self._ttl_ms, token]
         for s in scopes:
             args += ["" if s.limit_nano is None else s.limit_nano, _expire_at(s)]
         result = await self._script("reserve", keys, args)
@@ -429,15 +455,31 @@ class RedisStore:
             raise StoreError("redis store is not started")
         return await self._call(name, lambda c: script(keys=keys, args=args, client=c))
 
-    async def _call(self, what: str, op: Callable[[Redis], Awaitable[T]]) -> T:
+    async def _call(self, what: str, op: Callable[[Any], Awaitable[T]]) -> T:
+        """Run ``op`` within timeout_s, redis-py's one retry included: an outage fails fast."""
         client = self._client
         if client is None:
             raise StoreError("redis store is not started")
         try:
-            async with asyncio.timeout(self._config.timeout_s):
+            async with asyncio.timeout(self._config.timeout_s), self._slots:
                 return await op(client)
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreError(f"redis {what} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def recovery_retry() -> Retry:
+    """One retry, on a fresh connection, after a connection error or a timeout.
+
+    What it recovers from: pooled connections that died with a Redis restart or failover
+    (every one of them fails its next command or health-check PING once). Why once is
+    safe: every script is idempotent against its own retry (see the module docstring).
+    The short jittered backoff spreads the reconnects of a whole pool.
+    """
+    return Retry(
+        ExponentialWithJitterBackoff(cap=0.05, base=0.01),
+        1,
+        supported_errors=(RedisConnectionError, RedisTimeoutError),
+    )
 
 
 def _one_group(scopes: tuple[BudgetScope, ...] | tuple[RateScope, ...]) -> str:
@@ -471,7 +513,7 @@ def _expire_at(scope: BudgetScope) -> int:
     return 0 if scope.period_end is None else int(scope.period_end) + LEDGER_GRACE_S
 
 
-async def _scan(client: Redis, pattern: str) -> list[str]:
+async def _scan(client: Redis | RedisCluster, pattern: str) -> list[str]:
     return [k.decode() async for k in client.scan_iter(match=pattern, count=1000)]
 
 

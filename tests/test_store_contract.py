@@ -1,4 +1,5 @@
-"""The store contract: one suite, run against LocalStore (SQLite) and RedisStore (real redis-server)."""
+"""The store contract: one suite, run against LocalStore (SQLite), RedisStore (a real
+redis-server) and RedisClusterStore (a real 3-master Redis Cluster)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,15 @@ from policies.store import (
     SpendRow,
     Store,
     StoreError,
+    balances_by_group,
     open_store,
 )
 from policies.store_local import LocalStore
 from policies.store_redis import RedisStore, ledger_key
-from tests.redis_server import RedisServer, require_redis_server
-from tests.redis_server import redis_server as redis_server  # the session fixture
+from policies.store_redis_cluster import RedisClusterStore
+from tests.redis_server import RedisCluster, RedisServer, require_redis_cli, require_redis_server
+from tests.redis_server import redis_cluster as redis_cluster  # the session fixtures
+from tests.redis_server import redis_server as redis_server
 
 
 def ts(*args: int) -> float:
@@ -69,11 +73,11 @@ class Kit:
     async def pass_time(self, seconds: float) -> None:
         """Local stores follow the injected clock; Redis follows its own (real) one."""
         self.clock.now += seconds
-        if self.backend == "redis":
+        if self.backend != "local":
             await asyncio.sleep(seconds)
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=["local", "redis", "redis_cluster"])
 async def kit(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Kit]:
     clock = FakeClock(NOV_26)
     if request.param == "local":
@@ -81,7 +85,7 @@ async def kit(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[K
         def opener(ttl: float) -> Store:
             config = StoreConfig(path=str(tmp_path / "ledger.db"), reservation_ttl_s=ttl)
             return LocalStore(config, clock=clock)
-    else:
+    elif request.param == "redis":
         require_redis_server()
         server: RedisServer = request.getfixturevalue("redis_server")
         server.flushall()
@@ -89,6 +93,16 @@ async def kit(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[K
         def opener(ttl: float) -> Store:
             config = StoreConfig(backend="redis", redis_url=server.url, reservation_ttl_s=ttl)
             return RedisStore(config, clock=clock)
+    else:
+        require_redis_cli()
+        cluster: RedisCluster = request.getfixturevalue("redis_cluster")
+        cluster.flushall()
+
+        def opener(ttl: float) -> Store:
+            config = StoreConfig(
+                backend="redis_cluster", redis_url=cluster.url, reservation_ttl_s=ttl
+            )
+            return RedisClusterStore(config, clock=clock)
 
     kit = Kit(request.param, clock, opener)
     await kit.open()
@@ -330,6 +344,24 @@ async def test_balances_of_exact_scopes(kit: Kit) -> None:
     assert await kit.store.balances(()) == []
 
 
+async def test_balances_by_group_reads_any_number_of_teams_in_order(kit: Kit) -> None:
+    teams = [f"team-{i}" for i in range(7)]
+    for i, name in enumerate(teams):
+        scopes = (scope(f"team:{name}", None, group=name), scope(f"key:{name}/k", 10, group=name))
+        res = await kit.store.reserve(f"r{i}", scopes, 10)
+        assert isinstance(res, Reservation)
+        await kit.store.settle(res, i)
+    # interleaved: scopes of one team are not adjacent, and one team is asked twice
+    wanted = tuple(scope(f"key:{n}/k", 10, group=n) for n in teams) + tuple(
+        scope(f"team:{n}", None, group=n) for n in reversed(teams)
+    )
+    wanted += (scope("team:nobody", None, group="nobody"),)
+    rows = await balances_by_group(kit.store, wanted, concurrency=3)
+    assert [r.scope_id for r in rows] == [s.scope_id for s in wanted]
+    assert [r.spent_nano for r in rows] == [*range(7), *reversed(range(7)), 0]
+    assert await balances_by_group(kit.store, ()) == []
+
+
 async def test_balances_leave_out_expired_reservations(kit: Kit) -> None:
     store = await kit.open(reservation_ttl_s=1)
     scopes = team_and_key(1000, None)
@@ -465,7 +497,8 @@ async def test_calls_before_start_raise_store_error(kit: Kit) -> None:
 def test_open_store_picks_the_backend(tmp_path: Path) -> None:
     local = open_store(StoreConfig(path=str(tmp_path / "x.db")), processes=2)
     assert isinstance(local, LocalStore)
-    assert isinstance(open_store(StoreConfig(backend="redis")), RedisStore)
+    assert type(open_store(StoreConfig(backend="redis"))) is RedisStore
+    assert isinstance(open_store(StoreConfig(backend="redis_cluster")), RedisClusterStore)
 
 
 async def test_redis_keys_carry_the_team_hash_tag_and_expire(redis_server: RedisServer) -> None:
