@@ -92,8 +92,8 @@ async def readyz(request: Request) -> Response:
 
 async def metrics(request: Request) -> Response:
     exposition = gateway_of(request).telemetry.metrics_text()
-    if exposition is None:
-        return not_found(request, HTTPException(404))
+    if exposition is None:  # telemetry.prometheus: false
+        return await not_found(request, HTTPException(404))
     body, content_type = exposition
     return Response(body, media_type=content_type)
 

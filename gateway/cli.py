@@ -11,6 +11,7 @@ import signal
 import sys
 from collections.abc import Sequence
 
+from gateway import __version__
 from gateway.config import Config, ConfigError, config_path, load_config
 from pricing.table import Listing, PriceTable, Resolution, host_tag
 
@@ -19,6 +20,7 @@ log = logging.getLogger("tallygate")
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tallygate", description="OpenAI-compatible LLM gateway")
+    parser.add_argument("--version", action="version", version=f"tallygate {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument(
@@ -50,8 +52,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.command == "check-config":
-        print(describe(config, str(config_path(args.config))))
-        return 0
+        code = check_prices(config)
+        print(describe(config, str(config_path(args.config)), ok=code == 0))
+        return code
     if args.command == "spend":
         return asyncio.run(print_spend(config, args.team, args.json))
     if args.command == "prices":
@@ -59,8 +62,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_server(config, args)
 
 
-def describe(config: Config, path: str) -> str:
-    lines = [f"{path}: OK"]
+def check_prices(config: Config) -> int:
+    """Every routed deployment needs a price under on_unknown_price: reject (else each
+    request to it is refused): 1 and an error per unpriced one; under allow, a warning."""
+    table = PriceTable.load(config.pricing.overrides)
+    reject = config.pricing.on_unknown_price == "reject"
+    unpriced = [
+        (alias, dep)
+        for alias, deps in config.models.items()
+        for dep in deps
+        if table.lookup(dep.model, price_host(config, dep.provider)) is None
+    ]
+    for alias, dep in unpriced:
+        print(
+            f"{'error' if reject else 'warning'}: models.{alias}: no price for '{dep.model}' "
+            f"({dep.label}): requests to it are {'refused' if reject else 'not charged'} "
+            "(add it under pricing.overrides; `tallygate prices` shows how names resolve)",
+            file=sys.stderr,
+        )
+    return 1 if reject and unpriced else 0
+
+
+def describe(config: Config, path: str, ok: bool = True) -> str:
+    lines = [f"{path}: {'OK' if ok else 'not usable as it is (errors above)'}"]
     lines.append(
         f"providers: {', '.join(f'{n} ({p.kind})' for n, p in config.providers.items()) or 'none'}"
     )
@@ -295,11 +319,12 @@ def run_server(config: Config, args: argparse.Namespace) -> int:
 
 
 def event_loop() -> str:
+    """uvloop with a listening socket that accepts a batch per loop turn (gateway/listener.py)."""
     try:
         import uvloop  # noqa: F401
     except ImportError:
-        return "asyncio"
-    return "uvloop"
+        return "asyncio"  # asyncio's loop accepts a batch per turn already
+    return "gateway.listener:new_event_loop"
 
 
 def redact_url(url: str) -> str:

@@ -85,7 +85,7 @@ class KeyConfig(Strict):
         if (self.key is None) == (self.sha256 is None):
             raise ValueError("give exactly one of 'key' or 'sha256'")
         if self.key is not None and not self.key.strip():
-            raise ValueError("'key' is empty (is its environment variable set?)")
+            raise ValueError("'key' is empty")
         if self.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
             raise ValueError("'sha256' must be 64 hex characters")
         return self
@@ -136,19 +136,45 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
-def interpolate(value: Any, env: Mapping[str, str]) -> Any:
+def interpolate(
+    value: Any,
+    env: Mapping[str, str],
+    unset: dict[tuple[int | str, ...], list[str]] | None = None,
+    path: tuple[int | str, ...] = (),
+    seen: frozenset[int] = frozenset(),
+) -> Any:
     """Replace ${VAR} and ${VAR:-default} in every string of a parsed YAML tree.
 
-    An unset ${VAR} becomes "" (a key that must not be empty then fails validation)."""
+    An unset ${VAR} (without a default) becomes "", and its key path is noted in `unset`,
+    so that a key that must not be empty fails naming the variable. A YAML alias that
+    contains itself is refused (it would nest without end)."""
     if isinstance(value, str):
         if "${" not in value:
             return value
-        return ENV_PATTERN.sub(lambda m: env.get(m.group(1)) or (m.group(2) or ""), value)
-    if isinstance(value, dict):
-        return {k: interpolate(v, env) for k, v in value.items()}
-    if isinstance(value, list):
-        return [interpolate(v, env) for v in value]
+
+        def sub(m: re.Match[str]) -> str:
+            found = env.get(m.group(1))
+            if found:
+                return found
+            if m.group(2) is None and unset is not None:
+                unset.setdefault(path, []).append(m.group(1))
+            return m.group(2) or ""
+
+        return ENV_PATTERN.sub(sub, value)
+    if isinstance(value, dict | list):
+        if id(value) in seen:
+            raise ConfigError(f"{format_loc(path)}: a YAML alias that contains itself")
+        inner = seen | {id(value)}
+        if isinstance(value, dict):
+            return {k: interpolate(v, env, unset, (*path, k), inner) for k, v in value.items()}
+        return [interpolate(v, env, unset, (*path, i), inner) for i, v in enumerate(value)]
     return value
+
+
+def unset_note(loc: tuple[int | str, ...], unset: dict[tuple[int | str, ...], list[str]]) -> str:
+    """" (${VAR} is not set)" when the value at `loc`, or under it, came from an unset variable."""
+    names = [v for path, vs in unset.items() if path[: len(loc)] == loc for v in vs]
+    return "".join(f" (${{{name}}} is not set)" for name in dict.fromkeys(names))
 
 
 def format_loc(loc: tuple[int | str, ...]) -> str:
@@ -205,11 +231,20 @@ def parse_config(
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of sections")
-    data = interpolate(data, os.environ if env is None else env)
+    unset: dict[tuple[int | str, ...], list[str]] = {}
+    try:
+        data = interpolate(data, os.environ if env is None else env, unset)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: invalid config:\n  {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid config: nested too deeply") from None
     try:
         cfg = Config.model_validate(data)
     except ValidationError as exc:
-        lines = [f"{format_loc(e['loc'])}: {e['msg']}" for e in exc.errors()]
+        lines = [
+            f"{format_loc(e['loc'])}: {e['msg']}{unset_note(tuple(e['loc']), unset)}"
+            for e in exc.errors()
+        ]
         raise ConfigError(f"{source}: invalid config:\n  " + "\n  ".join(lines)) from None
     problems = _cross_check(cfg)
     if problems:
@@ -224,11 +259,15 @@ def config_path(path: str | None = None) -> Path:
 def load_config(path: str | Path | None = None, env: Mapping[str, str] | None = None) -> Config:
     p = config_path(str(path) if path else None)
     try:
-        text = p.read_text()
+        text = p.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError(f"{p}: cannot read config: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p}: not UTF-8 text (byte {exc.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{p}: nested too deeply") from None
     return parse_config(data, source=str(p), env=env)

@@ -8,10 +8,12 @@ Authentication runs before parsing so an unauthenticated caller never makes us r
 from __future__ import annotations
 
 import asyncio
+import time
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
+from starlette.types import Receive
 
 from gateway.admission import Admission, admit, settle
 from gateway.context import RequestContext
@@ -23,9 +25,11 @@ from gateway.errors import (
     RequestTooLarge,
 )
 from gateway.forwarding import forward
+from gateway.http_limits import check_json_depth
+from gateway.providers.base import UpstreamResponse
 from gateway.relay import stream_response
 from gateway.request_ids import incoming_request_id
-from gateway.responses import crash, fail, passthrough_error, whole_response
+from gateway.responses import client_closed, crash, fail, passthrough_error, whole_response
 from gateway.routing import Deployment
 from gateway.state import Gateway
 
@@ -50,16 +54,22 @@ async def handle(gw: Gateway, request: Request, operation: str) -> Response:
         admission = await admit(gw, ctx, plan)
     except GatewayError as exc:
         return fail(gw, ctx, exc)
+    except ClientLeft:
+        return client_closed(gw, ctx)
     except Exception as exc:
         return crash(gw, ctx, exc)
-    return await proceed(gw, ctx, plan, admission)
+    return await proceed(gw, ctx, plan, admission, request.receive)
 
 
 async def proceed(
-    gw: Gateway, ctx: RequestContext, plan: list[Deployment], admission: Admission
+    gw: Gateway,
+    ctx: RequestContext,
+    plan: list[Deployment],
+    admission: Admission,
+    receive: Receive,
 ) -> Response:
     try:
-        up, dep = await forward(gw, ctx, plan)
+        up, dep = await forward_watched(gw, ctx, plan, receive)
         if up.chunks is not None:
             return stream_response(gw, ctx, up, dep, admission)
         if up.status >= 400:
@@ -68,12 +78,96 @@ async def proceed(
     except GatewayError as exc:
         await settle(gw, ctx, admission, None)
         return fail(gw, ctx, exc)
+    except ClientLeft:
+        await settle_left(gw, ctx, admission)
+        return client_closed(gw, ctx)
     except asyncio.CancelledError:
         gw.tasks.spawn(settle(gw, ctx, admission, None))  # give the reservation back
         raise
     except Exception as exc:
         await settle(gw, ctx, admission, None)
         return crash(gw, ctx, exc)
+
+
+# --- a client that leaves ---------------------------------------------------------------
+
+
+class ClientLeft(Exception):
+    """The client closed its connection before its response."""
+
+
+# A request answered sooner than this never starts a watcher task: the common fast answer
+# costs one timer, and a client that left earlier is still seen when the watcher starts.
+WATCH_AFTER_S = 0.05
+
+
+class DisconnectWatch:
+    """Cancels the request's task when its client disconnects (uvicorn's receive() returns
+    http.disconnect once the body has been read): the upstream call in flight is cancelled,
+    which closes its connection, rather than running to its end for nobody."""
+
+    __slots__ = ("left", "receive", "task", "watcher")
+
+    def __init__(self, task: asyncio.Task[object], receive: Receive) -> None:
+        self.task, self.receive = task, receive
+        self.watcher: asyncio.Task[None] | None = None
+        self.left = False
+
+    def start(self) -> None:
+        self.watcher = asyncio.get_running_loop().create_task(self.watch())
+
+    async def watch(self) -> None:
+        try:
+            while (await self.receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a server whose receive() fails: nothing to watch
+            return
+        self.left = True
+        self.task.cancel()
+
+    def stop(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+
+
+async def forward_watched(
+    gw: Gateway, ctx: RequestContext, plan: list[Deployment], receive: Receive
+) -> tuple[UpstreamResponse, Deployment]:
+    """forward(), cancelled if the client leaves meanwhile: then raises ClientLeft."""
+    task = asyncio.current_task()
+    assert task is not None
+    watch = DisconnectWatch(task, receive)
+    timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch.start)
+    try:
+        result = await forward(gw, ctx, plan)
+    except asyncio.CancelledError:
+        # Ours only if the watcher cancelled and nobody else did too (e.g. a shutdown).
+        if not watch.left or task.uncancel() > 0:
+            raise
+        raise ClientLeft from None
+    finally:
+        timer.cancel()
+        watch.stop()
+    if watch.left:  # something inside forward swallowed our cancellation: undo its count
+        task.uncancel()
+    return result
+
+
+async def settle_left(gw: Gateway, ctx: RequestContext, admission: Admission) -> None:
+    """A client that left while an upstream attempt was in flight is charged our own count,
+    marked estimated: the admitted prompt (the upstream had read it), no output; a model that
+    reasons out of sight its output cap, as when no usage comes back (it may have billed
+    thinking before the cancel, and leaving must not be a way around the budget)."""
+    attempt = ctx.attempt
+    if attempt is None or attempt.ended is not None:  # between attempts: nothing in flight
+        await settle(gw, ctx, admission, None)
+        return
+    attempt.ended = time.perf_counter()
+    ctx.upstream_wait_s += attempt.ended - attempt.started  # attempt() never got to add it
+    attempt.error_type = "cancelled"
+    gw.telemetry.end_attempt(ctx, attempt)
+    ctx.usage = None
+    await settle(gw, ctx, admission, attempt.deployment)
 
 
 # --- stages ---------------------------------------------------------------------------
@@ -86,17 +180,21 @@ async def parse(gw: Gateway, ctx: RequestContext, request: Request) -> None:
         raise too_large(gw)
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large(gw)
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large(gw)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientLeft from None
     try:
         body = orjson.loads(b"".join(chunks))
     except orjson.JSONDecodeError:
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The body must be a JSON object."
         ) from None
+    check_json_depth(body, gw.config.server.max_json_depth)  # before anything walks it
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     model = body.get("model")

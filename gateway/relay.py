@@ -15,14 +15,21 @@ from gateway.admission import Admission, charge, settle
 from gateway.context import RequestContext
 from gateway.metering import StreamObserver
 from gateway.providers.base import UpstreamResponse
-from gateway.responses import finish, upstream_headers
+from gateway.responses import (
+    UNREADABLE,
+    finish,
+    received_sample,
+    upstream_headers,
+    upstream_message,
+)
 from gateway.routing import Deployment
-from gateway.sse import SSEDecoder
+from gateway.sse import SSEDecoder, is_sse
 from gateway.state import Gateway
 from gateway.upstream_errors import (
     TRANSPORT_ERRORS,
     error_type,
     map_transport_error,
+    unreadable_response,
 )
 from pricing.cost import format_usd
 
@@ -100,13 +107,17 @@ class StreamRelay:
         hide_usage = ctx.hide_usage
         chunks = self.up.chunks.__aiter__()
         last_sent = 0.0
+        readable = False  # a JSON event or [DONE] came: this is an OpenAI-format stream
+        ended = False
         try:
             while True:
                 t0 = perf_counter()
                 try:
                     raw = await chunks.__anext__()
                 except StopAsyncIteration:
-                    break
+                    if ended or not decoder.tail().strip():
+                        break
+                    raw, ended = b"\n\n", True  # the last event came without its blank line
                 except TRANSPORT_ERRORS as exc:
                     ctx.upstream_wait_s += perf_counter() - t0
                     if ctx.attempt is not None:
@@ -120,18 +131,34 @@ class StreamRelay:
                 now = perf_counter()
                 ctx.upstream_wait_s += now - t0
                 out = []
+                bad: tuple[str, bytes] | None = None
                 for event, data in decoder.feed(raw):
-                    if data is not None and data != b"[DONE]":
+                    if data is None:
+                        if not is_sse(event):
+                            bad = ("bytes that are not server-sent events", event)
+                            break
+                    elif data == b"[DONE]":
+                        readable = True
+                    else:
                         try:
                             obj = orjson.loads(data)
                         except orjson.JSONDecodeError:
                             obj = None
-                        if isinstance(obj, dict):
+                        if not isinstance(obj, dict):
+                            bad = ("an event whose data is not a JSON object", event)
+                            break
+                        try:
                             observer.chunk(obj)
-                            if obj.get("usage"):
-                                if hide_usage and not obj.get("choices"):
-                                    continue
-                                event = self.with_cost(obj, event)
+                        except UNREADABLE:
+                            bad = ("a chunk of an unknown shape", event)
+                            break
+                        readable = True
+                        if obj.get("error"):
+                            self.upstream_reported(data)
+                        if obj.get("usage"):
+                            if hide_usage and not obj.get("choices"):
+                                continue
+                            event = self.with_cost(obj, event)
                     out.append(event)
                 if out:
                     if ctx.first_chunk_at is None:
@@ -140,6 +167,11 @@ class StreamRelay:
                         gw.telemetry.record_chunk_gap(ctx, now - last_sent)
                     last_sent = now
                     yield b"".join(out) if len(out) > 1 else out[0]
+                if bad is not None:
+                    yield self.unreadable(*bad)
+                    break
+            if not readable and ctx.error_type is None:
+                yield self.unreadable("a stream without any data event", decoder.tail())
             self.done = True
         finally:
             finishing = self.close()
@@ -150,6 +182,29 @@ class StreamRelay:
         # logged by the task set; the client already has every byte of the stream.)
         with contextlib.suppress(Exception):
             await asyncio.shield(finishing)
+
+    def unreadable(self, what: str, sample: bytes) -> bytes:
+        """Ends a stream that is not OpenAI's SSE (an HTML page, text, binary, non-JSON data)
+        the way OpenAI signals an error after the headers: one in-band error event. Recorded
+        as an upstream error; settlement then charges our own count of what was relayed."""
+        gw, ctx, dep = self.gw, self.ctx, self.dep
+        err = unreadable_response(dep.label, f"{what}{content_type_note(self.up)}")
+        ctx.error_type = err.code
+        ctx.error_message = f"{err.message} Received: {received_sample(gw, sample)}"
+        if ctx.attempt is not None:
+            ctx.attempt.error_type = "invalid_response"
+        return b"data: " + orjson.dumps(err.body()) + b"\n\n"
+
+    def upstream_reported(self, data: bytes) -> None:
+        """An error event from the upstream itself: relayed as it is, and recorded."""
+        if self.ctx.error_type is None:
+            self.ctx.error_type = "upstream_error"
+            self.ctx.error_message = upstream_message(self.gw, data)
+
+
+def content_type_note(up: UpstreamResponse) -> str:
+    kind = up.headers.get("content-type", "")
+    return "" if kind.startswith("text/event-stream") else f" (content-type {kind or 'none'!r})"
 
 
 async def finish_stream(

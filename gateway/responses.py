@@ -14,10 +14,14 @@ from gateway.metering import observe_body
 from gateway.providers.base import UpstreamResponse
 from gateway.routing import Deployment
 from gateway.state import Gateway
+from gateway.upstream_errors import unreadable_response
 from pricing.cost import format_usd
 
 log = logging.getLogger("tallygate")
 PASSED_UPSTREAM_HEADERS = ("openai-processing-ms", "openai-version")
+# what reading an upstream JSON object of the wrong shape raises (a string where a list is)
+UNREADABLE = (AttributeError, TypeError, ValueError, KeyError)
+SAMPLE_BYTES = 200  # of an unreadable response, quoted (redacted) in the log
 
 
 def result_headers(ctx: RequestContext, dep: Deployment | None = None) -> dict[str, str]:
@@ -33,13 +37,28 @@ def finish(gw: Gateway, ctx: RequestContext, headers: dict[str, str]) -> None:
     gw.telemetry.finish_request(ctx)
 
 
-def fail(gw: Gateway, ctx: RequestContext, exc: GatewayError) -> Response:
+def fail(
+    gw: Gateway, ctx: RequestContext, exc: GatewayError, detail: str | None = None
+) -> Response:
+    """The error response, recorded. `detail`: more for the log than the client sees."""
     ctx.status = exc.status
     ctx.error_type = exc.code or exc.type
-    ctx.error_message = exc.message
+    ctx.error_message = exc.message if detail is None else f"{exc.message} {detail}"
     headers = result_headers(ctx)
     finish(gw, ctx, headers)
     return exc.to_response(headers)
+
+
+def client_closed(gw: Gateway, ctx: RequestContext) -> Response:
+    """The client left before its response: recorded as 499 (nginx's "client closed
+    request"); the response goes nowhere."""
+    ctx.status = 499
+    ctx.cancelled = True
+    ctx.error_type = "client_closed_request"
+    ctx.error_message = "The client closed the connection before the response was sent."
+    headers = result_headers(ctx)
+    finish(gw, ctx, headers)
+    return Response(status_code=499, headers=headers)
 
 
 def crash(gw: Gateway, ctx: RequestContext, exc: Exception) -> Response:
@@ -87,13 +106,18 @@ def upstream_message(gw: Gateway, body: bytes) -> str:
 async def whole_response(
     gw: Gateway, ctx: RequestContext, up: UpstreamResponse, dep: Deployment, admission: Admission
 ) -> Response:
-    ctx.status = up.status
+    body = up.body or b""
     try:
-        data = orjson.loads(up.body or b"")
+        data = orjson.loads(body)
     except orjson.JSONDecodeError:
         data = None
-    if isinstance(data, dict):
+    if not isinstance(data, dict):
+        return await unreadable(gw, ctx, up, dep, admission, "a body that is not a JSON object")
+    try:
         observe_body(ctx, data)
+    except UNREADABLE:
+        return await unreadable(gw, ctx, up, dep, admission, "a JSON body of an unknown shape")
+    ctx.status = up.status
     await settle(gw, ctx, admission, dep.label)
     headers = upstream_headers(up, ctx, dep)
     if ctx.cost_nano is not None:
@@ -102,3 +126,24 @@ async def whole_response(
     return Response(
         up.body, up.status, headers, media_type=up.headers.get("content-type", "application/json")
     )
+
+
+async def unreadable(
+    gw: Gateway, ctx: RequestContext, up: UpstreamResponse, dep: Deployment, admission: Admission,
+    what: str,
+) -> Response:  # fmt: skip
+    """A success status with a body the client's SDK could not parse either (an HTML page
+    from a proxy, text): 502 upstream_error. The upstream may have done the work, so the
+    request is charged our own count, as a response without usage is."""
+    kind = up.headers.get("content-type") or "none"
+    err = unreadable_response(dep.label, f"{what} (HTTP {up.status}, content-type {kind!r})")
+    if ctx.attempt is not None:
+        ctx.attempt.error_type = "invalid_response"
+    await settle(gw, ctx, admission, dep.label)
+    return fail(gw, ctx, err, f"Received: {received_sample(gw, up.body or b'')}")
+
+
+def received_sample(gw: Gateway, sample: bytes) -> str:
+    """The start of what an upstream sent, for the log: redacted (it may quote the prompt)."""
+    text = sample.strip()[:SAMPLE_BYTES].decode("utf-8", "replace")
+    return repr(gw.redactor.redact(text)[0])

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+# the field names SSE defines; a line naming any other is not an event stream (HTML, prose)
+SSE_FIELDS = frozenset((b"data", b"event", b"id", b"retry"))
+
 
 class SSEDecoder:
     """Feed raw bytes, get (raw_event_bytes, data) per complete event.
 
     ``data`` is the event's joined ``data:`` payload (bytes), or None for comments and
-    events without data. The raw bytes are relayed as they came, so nothing is re-encoded.
+    events without data. The raw bytes are relayed as they came, with line ends made LF
+    (SSE allows CRLF, CR and LF), so nothing is re-encoded. However the bytes are split
+    into chunks, the same events come out.
     """
 
     __slots__ = ("_buf",)
@@ -20,7 +25,7 @@ class SSEDecoder:
     def feed(self, chunk: bytes) -> Iterator[tuple[bytes, bytes | None]]:
         buf = self._buf + chunk if self._buf else chunk
         if b"\r" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
+            buf = lf_line_ends(buf)
         start = 0
         while True:
             end = buf.find(b"\n\n", start)
@@ -36,8 +41,25 @@ class SSEDecoder:
         return self._buf
 
 
+def lf_line_ends(buf: bytes) -> bytes:
+    """CRLF and lone CR → LF. A CR at the very end is kept as it is: it may be the first
+    half of a CRLF whose LF is in the next chunk."""
+    if buf.endswith(b"\r"):
+        return buf[:-1].replace(b"\r\n", b"\n").replace(b"\r", b"\n") + b"\r"
+    return buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+
+
 def event_data(raw: bytes) -> bytes | None:
     if raw.startswith(b"data: ") and raw.count(b"\n") == 2:  # the common single-line case
         return raw[6:-2]
     lines = [line[5:].removeprefix(b" ") for line in raw.split(b"\n") if line.startswith(b"data:")]
     return b"\n".join(lines) if lines else None
+
+
+def is_sse(raw: bytes) -> bool:
+    """Every line of the event is blank, a comment or a field SSE defines. Called only for
+    events without data (keep-alives, `event:` lines): the only place non-SSE bytes hide."""
+    for line in raw.split(b"\n"):
+        if line and line[:1] != b":" and line.partition(b":")[0] not in SSE_FIELDS:
+            return False
+    return True

@@ -10,6 +10,7 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
+from gateway import __version__
 from gateway.auth import KeyIndex
 from gateway.config import Config
 from gateway.providers.base import Provider
@@ -23,7 +24,6 @@ from pricing.table import PriceTable, host_tag
 from pricing.tokens import TokenCounter
 
 log = logging.getLogger("tallygate")
-VERSION = "0.1.0"
 
 
 def warm_encodings(counter: TokenCounter, models: set[str]) -> None:
@@ -78,7 +78,7 @@ class Gateway:
         redactor = Redactor(config.redaction)
         telemetry = Telemetry.create(
             config.telemetry,
-            service_version=VERSION,
+            service_version=__version__,
             instance_id=f"{socket.gethostname()}:{os.getpid()}",
             redact=redactor.redact_value,
             span_exporter=hooks.span_exporter,

@@ -993,7 +993,7 @@ class Telemetry:
         if ctx.rejected:
             attributes[gen.TALLYGATE_REJECTED] = ctx.rejected
         span.set_attributes(attributes)
-        if ctx.status >= 500:
+        if ctx.status >= 500 or (ctx.error_type and 0 < ctx.status < 400):
             span.set_status(Status(StatusCode.ERROR, client.error_message or error.get(ERROR_TYPE)))
         span.end(end_time=_wall_ns(ctx, now))
 

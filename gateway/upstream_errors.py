@@ -57,3 +57,12 @@ def upstream_status_error(status: int, deployment: str, attempts: int) -> Gatewa
         f"The upstream deployment '{deployment}' answered HTTP {status} "
         f"({attempts} attempt{'s' if attempts != 1 else ''} made)."
     )
+
+
+def unreadable_response(deployment: str, what: str) -> GatewayError:
+    """A response with a success status that is not in OpenAI's format (an HTML page from a
+    proxy, plain text, binary): the client's SDK could not read it either."""
+    return UpstreamError(
+        f"The upstream deployment '{deployment}' answered with {what}, "
+        "not an OpenAI-format response."
+    )

@@ -130,11 +130,12 @@ def test_embeddings_are_charged_input_only(
                     "object": "list",
                     "model": "text-embedding-3-small",
                     "data": [{"object": "embedding", "index": 0, "embedding": [0.1]}],
-                    "usage": {"prompt_tokens": 50_000, "total_tokens": 50_000},
+                    "usage": {"prompt_tokens": 5_000, "total_tokens": 5_000},
                 }
             )
         )
         r = httpx.post(
             gw.url + "/v1/embeddings", json={"model": "embed", "input": "x"}, headers=ALPHA
         )
-    assert r.headers["x-tallygate-cost-usd"] == "0.001"  # 50,000 x $0.02/M
+    # 5,000 x $0.02/M (one input: a report above the model's 8,191-token window is clamped)
+    assert r.headers["x-tallygate-cost-usd"] == "0.0001"
