@@ -37,3 +37,16 @@ def gateway(gateway_config: dict):
 
     with running_gateway(gateway_config) as gw:
         yield gw
+
+
+@pytest.fixture(params=["local", "redis"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict]:
+    """The `store:` section of a gateway config, once per backend (Redis: a fresh server)."""
+    if request.param == "local":
+        yield {"backend": "local", "path": str(tmp_path / "store.db")}
+        return
+    from tests.redis_server import RedisServer, require_redis_server
+
+    require_redis_server()
+    with RedisServer() as server:
+        yield {"backend": "redis", "redis_url": server.url}

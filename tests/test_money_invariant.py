@@ -15,9 +15,7 @@ import asyncio
 import itertools
 import random
 import time
-from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,7 +25,6 @@ from hypothesis import strategies as st
 
 from tests.fake_upstream import FakeUpstream, RecordedRequest, Reply, chat_answer, usage_json
 from tests.gateway_harness import KEYS, merge, running_gateway
-from tests.redis_server import RedisServer, require_redis_server
 
 TEAMS = 40
 LIMITS = ("0.0005", "0.002", "0.006")  # a few requests' worth, up to dozens
@@ -51,16 +48,6 @@ def config(base: dict[str, Any], store: dict[str, Any]) -> dict[str, Any]:
         for i in range(TEAMS)
     }
     return merge(base, {"teams": teams, "store": store})
-
-
-@pytest.fixture(params=["local", "redis"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    if request.param == "local":
-        yield {"backend": "local", "path": str(tmp_path / "invariant.db")}
-        return
-    require_redis_server()
-    with RedisServer() as server:
-        yield {"backend": "redis", "redis_url": server.url}
 
 
 shape = st.fixed_dictionaries(

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from decimal import Decimal
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -20,23 +18,11 @@ import pytest
 
 from tests.fake_upstream import FakeUpstream, Reply, Stream, chat_chunk
 from tests.gateway_harness import KEYS, merge, running_gateway
-from tests.redis_server import RedisServer, require_redis_server
 
 ALPHA = {"authorization": f"Bearer {KEYS['alpha']}"}
 ADMIN = {"authorization": f"Bearer {KEYS['admin']}"}
 WORDS = " ".join(f"w{i}" for i in range(40))  # the fake echoes it, cut to max_tokens words
 MTOK = Decimal(10**6)
-
-
-@pytest.fixture(params=["local", "redis"])
-def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """The `store:` section of a config, for each backend."""
-    if request.param == "local":
-        yield {"backend": "local", "path": str(tmp_path / "money.db")}
-        return
-    require_redis_server()
-    with RedisServer() as server:
-        yield {"backend": "redis", "redis_url": server.url}
 
 
 def chat(model: str = "gpt-4o-mini", content: str = WORDS, **extra: Any) -> dict[str, Any]:
