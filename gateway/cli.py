@@ -113,6 +113,9 @@ def describe(config: Config, path: str, ok: bool = True) -> str:
     return "\n".join(lines)
 
 
+FORECAST_NOTES = {"outlasts_period": "after period end", "no_spend": "no spend yet"}
+
+
 async def print_spend(config: Config, team: str | None, as_json: bool) -> int:
     from gateway.spend import spend_report
     from policies.store import StoreError, open_store
@@ -141,7 +144,12 @@ async def print_spend(config: Config, team: str | None, as_json: bool) -> int:
         "limit_usd",
         "remaining_usd",
         "period_end",
+        "burn_usd_per_hour",
+        "exhausted_at",
     ]
+    for r in rows:  # say why there is no date: it would run out after the period, or no spend
+        if r["exhausted_at"] is None and r["forecast"] in FORECAST_NOTES:
+            r["exhausted_at"] = FORECAST_NOTES[r["forecast"]]
     table = [cols] + [[str(r[c]) if r[c] is not None else "-" for c in cols] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
     for row in table:

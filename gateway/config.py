@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gateway.providers import PROVIDERS
 from gateway.telemetry import TelemetryConfig
@@ -98,6 +105,50 @@ class KeyConfig(Strict):
         return hash_key(self.key)
 
 
+class AlertsConfig(Strict):
+    """Budget alerts (gateway/alerts.py). ``teams.<team>.alerts`` overrides the top-level
+    section field by field: each field the team sets replaces the top level's (headers
+    as a whole), the others are inherited; ``webhook_url: null`` there sends none."""
+
+    webhook_url: str | None = None  # None: alerts are logged, counted and traced, not POSTed
+    thresholds: list[float] = Field(default_factory=lambda: [0.5, 0.8, 1.0], min_length=1)
+    headers: dict[str, str] = Field(default_factory=dict)  # sent with each POST (auth)
+    timeout_s: float = Field(default=5, gt=0)  # per POST attempt
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _http_url(cls, url: str | None) -> str | None:
+        if url is not None and not re.match(r"https?://[^/\s]+", url):
+            raise ValueError("must be an http:// or https:// URL")
+        return url
+
+    @field_validator("headers")
+    @classmethod
+    def _header_safe(cls, headers: dict[str, str]) -> dict[str, str]:
+        # refused here rather than by the HTTP client at the first alert
+        for name, value in headers.items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if any(c in value for c in "\r\n\0"):
+                raise ValueError(f"the value of {name!r} holds a line break or NUL")
+        return headers
+
+    @field_validator("thresholds")
+    @classmethod
+    def _fractions(cls, thresholds: list[float]) -> list[float]:
+        if any(not 0 < t <= 10 for t in thresholds):
+            raise ValueError("each is a fraction of the budget, within (0, 10]")
+        if thresholds != sorted(set(thresholds)):
+            raise ValueError("must be in increasing order, without repeats")
+        return thresholds
+
+    def over(self, base: AlertsConfig | None) -> AlertsConfig:
+        """This (a team's section) laid over ``base`` (the top level's), field by field."""
+        if base is None:
+            return self
+        return base.model_copy(update={f: getattr(self, f) for f in self.model_fields_set})
+
+
 class TeamConfig(Strict):
     keys: list[KeyConfig] = Field(default_factory=list)
     models: list[str] | None = None  # None: every model
@@ -108,6 +159,7 @@ class TeamConfig(Strict):
     # default output cap of a request that names none, and the ceiling of one that asks more
     max_output_tokens: int | None = Field(default=None, gt=0)
     admin: bool = False
+    alerts: AlertsConfig | None = None  # over the top-level alerts, field by field
 
 
 class RoutingConfig(Strict):
@@ -130,6 +182,7 @@ class Config(Strict):
     pricing: PricingConfig = Field(default_factory=PricingConfig)
     redaction: RedactionConfig = Field(default_factory=RedactionConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    alerts: AlertsConfig | None = None  # budget alerts; none unless this or a team's is set
 
 
 def hash_key(key: str) -> str:

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
+from opentelemetry.sdk.trace import Event, ReadableSpan, SpanProcessor
 from opentelemetry.sdk.trace.sampling import DEFAULT_ON, Sampler
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
@@ -118,8 +118,8 @@ class LiteSpan:
     """The subset of the Span API the gateway uses, recording into plain fields."""
 
     __slots__ = (
-        "_attributes", "_context", "_kind", "_name", "_parent", "_recording", "_start",
-        "_status", "_tracer", "end_time",
+        "_attributes", "_context", "_events", "_kind", "_name", "_parent", "_recording",
+        "_start", "_status", "_tracer", "end_time",
     )  # fmt: skip
 
     def __init__(
@@ -142,6 +142,7 @@ class LiteSpan:
         self._attributes = _clean(attributes) if recording and attributes else {}
         self._start = start_time
         self._status = _UNSET
+        self._events: list[Event] = []
         self.end_time: int | None = None
 
     @property
@@ -161,6 +162,12 @@ class LiteSpan:
     def set_attributes(self, attributes: Mapping[str, Any]) -> None:
         if self.is_recording():
             self._attributes.update(_clean(attributes))
+
+    def add_event(
+        self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None
+    ) -> None:
+        if self.is_recording():
+            self._events.append(Event(name, _clean(attributes) if attributes else None, timestamp))
 
     def set_status(self, status: Status) -> None:
         # as the SDK: OK is final; an UNSET status never replaces another
@@ -188,5 +195,6 @@ class LiteSpan:
                 start_time=self._start,
                 end_time=end_time,
                 instrumentation_scope=tracer.scope,
+                events=tuple(self._events),
             )
         )

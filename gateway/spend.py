@@ -1,4 +1,5 @@
-"""The spend report: per team and key, spent, reserved, limit, remaining and period end."""
+"""The spend report: per team and key, spent, reserved, limit, remaining and period end;
+for a budget with a calendar period, the burn rate and when, at that rate, it runs out."""
 
 from __future__ import annotations
 
@@ -48,9 +49,52 @@ async def spend_report(
                 "remaining_usd": format_usd(max(0, limit - spent - reserved))
                 if limit is not None
                 else None,
+                **forecast(scope, budget, spent, reserved, now),
             }
         )
     return report
+
+
+MIN_ELAPSED_S = 60.0  # a period's first minute: the rate of one request is no forecast
+
+
+def forecast(
+    scope: BudgetScope, budget: BudgetConfig | None, spent: int, reserved: int, now: float
+) -> dict[str, Any]:
+    """The burn rate (spent / time since the period began, USD per hour) and when the
+    remaining budget runs out at that rate. ``forecast`` says which case it is:
+    ``runs_out`` (exhausted_at is set), ``exhausted`` (nothing left: exhausted_at is now),
+    ``outlasts_period`` (it would run out after the period ends), ``no_spend``; None
+    (and the rate None) for a total budget or no budget: no period to measure a rate in."""
+    start = period_start(budget, scope)
+    if scope.limit_nano is None or start is None or scope.period_end is None:
+        return {"burn_usd_per_hour": None, "exhausted_at": None, "forecast": None}
+    per_hour = spent * 3600 // max(now - start, MIN_ELAPSED_S)
+    remaining = scope.limit_nano - spent - reserved
+    at: float | None = None
+    if remaining <= 0:
+        case, at = "exhausted", now
+    elif per_hour <= 0:
+        case = "no_spend"
+    elif (runs_out := now + remaining / per_hour * 3600) <= scope.period_end:
+        case, at = "runs_out", runs_out
+    else:
+        case = "outlasts_period"
+    return {"burn_usd_per_hour": format_usd(per_hour), "exhausted_at": iso(at), "forecast": case}
+
+
+def period_start(budget: BudgetConfig | None, scope: BudgetScope) -> float | None:
+    """When the scope's current calendar period began (None for total)."""
+    end = scope.period_end
+    if budget is None or end is None:
+        return None
+    if budget.period == "daily":
+        return end - 86400
+    if budget.period == "weekly":
+        return end - 7 * 86400
+    first = datetime.fromtimestamp(end, UTC)  # monthly: the 1st of the next month
+    year, month = (first.year - 1, 12) if first.month == 1 else (first.year, first.month - 1)
+    return datetime(year, month, 1, tzinfo=UTC).timestamp()
 
 
 def iso(ts: float | None) -> str | None:

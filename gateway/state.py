@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from gateway import __version__
+from gateway.alerts import Alerts
 from gateway.auth import KeyIndex
 from gateway.config import Config
 from gateway.providers.base import Provider
@@ -51,6 +52,7 @@ class Gateway:
     store: Store
     redactor: Redactor
     telemetry: Telemetry
+    alerts: Alerts
     tasks: TaskSet = field(default_factory=TaskSet)
     # provider name → the price table's name for its host (groq, together...): one model id
     # served by several hosts has a price per host
@@ -117,8 +119,10 @@ class Gateway:
             store,
             redactor,
             telemetry,
+            Alerts(store, telemetry),
             price_hosts=hosts,
         )
+        gw.alerts.start()
         # Load the tokenizers now, off the loop, rather than inside the first request.
         models = {d.model for deps in config.models.values() for d in deps}
         gw.warming = gw.tasks.spawn(asyncio.to_thread(warm_encodings, counter, models))
@@ -128,6 +132,7 @@ class Gateway:
     async def close(self) -> None:
         self.ready = False
         await self.tasks.drain(self.config.server.drain_timeout_s)
+        await self.alerts.close(self.config.server.drain_timeout_s)  # settled: alerts queued
         for provider in self.providers.values():
             await provider.aclose()
         await self.store.close()

@@ -150,6 +150,13 @@ class Store(Protocol):
         Cheap (no scan), unlike spend(): for the remaining budget of every request."""
         ...
 
+    async def claim_once(self, key: str, group: str, ttl_s: float | None) -> bool:
+        """Atomically: True for the first caller to claim ``key`` (across every process and
+        replica on this store), False for every later one until the claim expires after
+        ``ttl_s`` seconds (None: never). ``group`` is the team (the Redis hash tag). A
+        retried call that already won still answers True. For budget alerts: who sends."""
+        ...
+
 
 def check_reserve_amount(amount_nano: int) -> None:
     """A reservation outside [0, MAX_AMOUNT_NANO] is a caller bug: refused before any change."""

@@ -14,6 +14,8 @@ the event loop. Two modes, chosen by ``processes``:
   check-then-reserve is atomic against every other connection to the file. Rate windows
   (GCRA, see ``policies.ratelimit``) live in the same file.
 
+``claim_once`` (who sends a budget alert) is a row in the file in both modes.
+
 Both modes keep one schema, so either can open a file the other wrote. Amounts are
 bounded (``policies.store``): spent and reserved saturate within [0, MAX_LEDGER_NANO] in
 SQL too, so no write can overflow SQLite's int64.
@@ -81,6 +83,11 @@ CREATE TABLE IF NOT EXISTS settled (
     forget_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS settled_by_forget_at ON settled (forget_at);
+CREATE TABLE IF NOT EXISTS claims (
+    claim_key TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS claims_by_expiry ON claims (expires_at);
 CREATE TABLE IF NOT EXISTS rate_buckets (
     scope_id TEXT PRIMARY KEY,
     at REAL NOT NULL,
@@ -141,6 +148,7 @@ SELECT
     (SELECT TOTAL(amount_nano) FROM reservations
      WHERE scope_id = ?1 AND period_key = ?2 AND expires_at <= ?3)
 """
+_NEVER = 1e300  # expires_at of a claim without a ttl: beyond any clock
 _PURGE_SETTLED_EVERY = 256  # forget old settle tombstones every this many settles (per process)
 _RATE_SWEEP_EVERY = 4096  # forget drained rate buckets every this many acquires (per process)
 
@@ -262,6 +270,14 @@ class LocalStore:
         keys = _keys(scopes)
         mem = await self._ensure(keys)
         return mem.balances(scopes, keys, self._clock())
+
+    async def claim_once(self, key: str, group: str, ttl_s: float | None) -> bool:
+        # Always in the file, in both modes: every process sharing it sees one winner, and
+        # a restart does not forget what was claimed. Claims are rare (alerts), so the
+        # thread hop costs nothing that matters.
+        now = self._clock()
+        expires_at = _NEVER if ttl_s is None else now + ttl_s
+        return await self._run(self._claim, f"{len(group)}:{group}:{key}", now, expires_at)
 
     # rate windows
 
@@ -509,6 +525,18 @@ class LocalStore:
             self._transaction(tx)
         except _REJECTED as exc:  # rolled back; the ledger retries row by row
             raise RejectedWrite(f"{type(exc).__name__}: {exc}") from exc
+
+    def _claim(self, key: str, now: float, expires_at: float) -> bool:
+        def tx(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM claims WHERE expires_at <= ?", (now,))
+            return (
+                conn.execute(
+                    "INSERT INTO claims VALUES (?, ?) ON CONFLICT DO NOTHING", (key, expires_at)
+                ).rowcount
+                == 1
+            )
+
+        return self._transaction(tx)
 
     def _read_buckets(
         self, conn: sqlite3.Connection, scopes: tuple[RateScope, ...]

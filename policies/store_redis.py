@@ -7,6 +7,7 @@ slot; the tag is the team name with ``%``, ``{`` and ``}`` percent-encoded)::
     tallygate:{tag}:resv:<scope_id>:<period_key>    zset   "<amount>:<request_id>" by expiry (ms)
     tallygate:{tag}:req:<request_id>                string "r:<call token>" reserved | "s" settled
     tallygate:{tag}:rate:<scope_id>                 hash   at (ms), r, t: GCRA bucket levels
+    tallygate:{tag}:once:<key>                      string "<call token>": claim_once's winner
 
 Ledger and reservation sets of a dated period expire 35 days after the period ends
 (never into the past: a caller whose clock is far behind keeps its keys); "total" ones
@@ -269,6 +270,21 @@ return 1
 )
 
 
+# KEYS: the claim. ARGV: call token, ttl_ms (0: none). Returns 1 won | 0 claimed before.
+# A retry of the winning call (its reply was lost) finds its own token and wins again.
+_CLAIM_ONCE = """
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then return 1 end
+if held then return 0 end
+if ARGV[2] == '0' then
+  redis.call('SET', KEYS[1], ARGV[1])
+else
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+end
+return 1
+"""
+
+
 def hash_tag(group: str) -> str:
     """The Redis Cluster hash tag of a team: its name, with % { } percent-encoded."""
     return group.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
@@ -288,6 +304,10 @@ def request_key(group: str, request_id: str) -> str:
 
 def rate_key(group: str, scope_id: str) -> str:
     return f"{PREFIX}:{{{hash_tag(group)}}}:rate:{scope_id}"
+
+
+def claim_key(group: str, key: str) -> str:
+    return f"{PREFIX}:{{{hash_tag(group)}}}:once:{key}"
 
 
 class RedisStore:
@@ -338,6 +358,7 @@ class RedisStore:
                 ("read_ledgers", _READ_LEDGERS),
                 ("rate_acquire", _RATE_ACQUIRE),
                 ("rate_add_tokens", _RATE_ADD_TOKENS),
+                ("claim_once", _CLAIM_ONCE),
             )
         }
         self._client = client
@@ -446,6 +467,12 @@ class RedisStore:
         for s in scopes:
             args += [s.rpm or 0, s.tpm or 0]
         await self._script("rate_add_tokens", keys, args)
+
+    async def claim_once(self, key: str, group: str, ttl_s: float | None) -> bool:
+        ttl_ms = 0 if ttl_s is None else max(1, round(ttl_s * 1000))
+        token = os.urandom(8).hex()  # this call's mark: a retry of it still wins
+        won = await self._script("claim_once", [claim_key(group, key)], [token, ttl_ms])
+        return won == 1
 
     # the one place redis errors become StoreError
 

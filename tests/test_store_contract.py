@@ -28,7 +28,7 @@ from policies.store import (
     open_store,
 )
 from policies.store_local import LocalStore
-from policies.store_redis import RedisStore, ledger_key
+from policies.store_redis import RedisStore, claim_key, ledger_key
 from policies.store_redis_cluster import RedisClusterStore
 from tests.redis_server import RedisCluster, RedisServer, require_redis_cli, require_redis_server
 from tests.redis_server import redis_cluster as redis_cluster  # the session fixtures
@@ -483,6 +483,42 @@ async def test_rate_without_scopes_admits(kit: Kit) -> None:
     await kit.store.rate_add_tokens((), 10)
 
 
+# claim_once: who sends a budget alert
+
+
+async def test_claim_once_has_one_winner(kit: Kit) -> None:
+    key = "team:search:2026-11:0.8"
+    assert await kit.store.claim_once(key, "search", 3600) is True
+    assert await kit.store.claim_once(key, "search", 3600) is False
+    other = await kit.open()  # another process or replica on the same store
+    assert await other.claim_once(key, "search", 3600) is False
+    assert await other.claim_once("team:search:2026-11:1.0", "search", 3600) is True
+    assert await kit.store.claim_once(key, "other-team", 3600) is True  # groups are apart
+
+
+async def test_concurrent_claims_have_one_winner(kit: Kit) -> None:
+    other = await kit.open()
+    stores = [kit.store, other] * 10
+    results = await asyncio.gather(
+        *(s.claim_once("key:search/prod:2026-11:0.5", "search", 60) for s in stores)
+    )
+    assert sorted(results) == [False] * 19 + [True]
+
+
+async def test_claim_expires_after_its_ttl(kit: Kit) -> None:
+    assert await kit.store.claim_once("team:search:2026-11-26:0.5", "search", 0.3) is True
+    assert await kit.store.claim_once("team:search:2026-11-26:0.5", "search", 0.3) is False
+    await kit.pass_time(0.5)
+    assert await kit.store.claim_once("team:search:2026-11-26:0.5", "search", 0.3) is True
+
+
+async def test_claim_without_ttl_lasts(kit: Kit) -> None:
+    assert await kit.store.claim_once("team:a{b}:total:1.0", "a{b}%", None) is True
+    await kit.pass_time(0.3)
+    kit.clock.now += 10 * 365 * 86400  # local stores: ten years on
+    assert await kit.store.claim_once("team:a{b}:total:1.0", "a{b}%", None) is False
+
+
 # lifecycle
 
 
@@ -491,6 +527,8 @@ async def test_calls_before_start_raise_store_error(kit: Kit) -> None:
     with pytest.raises(StoreError, match="not started"):
         await store.reserve("r1", team_and_key(1, None), 1)
     assert await store.ping() is False
+    with pytest.raises(StoreError, match="not started"):
+        await store.claim_once("k", "search", 1)
     await store.close()
 
 
@@ -529,3 +567,20 @@ async def test_redis_keys_carry_the_team_hash_tag_and_expire(redis_server: Redis
     assert redis_server.command("TTL", ledger_key("search", "team:search", "2020-01")) == b":-1"
     assert redis_server.command("EXISTS", "tallygate:{search}:req:r1") == b":1"  # tombstone
     assert ledger_key("a{b}", "team:a{b}", "total").startswith("tallygate:{a%7Bb%7D}:ledger:")
+
+
+async def test_redis_claims_carry_the_team_hash_tag_and_expire(
+    redis_server: RedisServer,
+) -> None:
+    redis_server.flushall()
+    store = RedisStore(StoreConfig(backend="redis", redis_url=redis_server.url))
+    await store.start()
+    try:
+        assert await store.claim_once("team:search:2026-11:0.5", "search", 3600)
+        assert await store.claim_once("team:search:total:0.5", "search", None)
+    finally:
+        await store.close()
+    dated = claim_key("search", "team:search:2026-11:0.5")
+    assert dated == "tallygate:{search}:once:team:search:2026-11:0.5"
+    assert 3500 <= int(redis_server.command("TTL", dated)[1:]) <= 3600
+    assert redis_server.command("TTL", claim_key("search", "team:search:total:0.5")) == b":-1"
