@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from gateway.config import Config, DeploymentConfig, RoutingConfig
 
-RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504, 529})  # 529: Anthropic's overloaded
 
 
 @dataclass(slots=True)

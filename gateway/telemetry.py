@@ -111,6 +111,11 @@ class TelemetryConfig(BaseModel):
     prometheus: bool = True
     log_format: Literal["json", "text"] = "json"
     export_logs: bool = False  # also export the access lines as OTLP logs
+    # off: traces (and logs) only, for backends that take no OTLP metrics (Phoenix answers 405)
+    export_metrics: bool = True
+    # added to the OTLP resource of every signal (e.g. Phoenix's openinference.project.name,
+    # deployment.environment); OTEL_RESOURCE_ATTRIBUTES wins for a key both set
+    resource_attributes: dict[str, str] = Field(default_factory=dict)
     # the httpx instrumentation's HTTP span under each attempt span (15% of a request's CPU;
     # off, the attempt span itself is the HTTP call and its traceparent goes upstream)
     http_spans: bool = False
@@ -367,12 +372,21 @@ def _dumps(value: Any) -> str:
 # --- the API ----------------------------------------------------------------------------
 
 
+def resource_attributes(configured: Mapping[str, str]) -> dict[str, str]:
+    """The config's resource attributes less those OTEL_RESOURCE_ATTRIBUTES sets, which
+    Resource.create merges in underneath: the environment wins, as operators expect."""
+    from opentelemetry.sdk.resources import OTELResourceDetector
+
+    from_env = OTELResourceDetector().detect().attributes
+    return {k: v for k, v in configured.items() if k not in from_env}
+
+
 def otlp_targets(cfg: TelemetryConfig, env: Mapping[str, str]) -> dict[str, tuple[str | None, str]]:
     """Per signal: (endpoint to pass the exporter, or None to let it read the OTEL_*
     environment; what to call it in logs). Absent: not exported. The config's endpoint
     wins over the per-signal variable, which wins over the generic one."""
     http = cfg.protocol == "http/protobuf"
-    signals = ("traces", "metrics", "logs") if cfg.export_logs else ("traces", "metrics")
+    signals = ("traces",) + ("metrics",) * cfg.export_metrics + ("logs",) * cfg.export_logs
     out: dict[str, tuple[str | None, str]] = {}
     for signal in signals:
         if cfg.endpoint:
@@ -451,6 +465,7 @@ class Telemetry:
         self._access = AccessLog(access_log or sys.stdout, config.log_format)
         self._resource = Resource.create(
             {
+                **resource_attributes(config.resource_attributes),
                 SERVICE_NAME: config.service_name,
                 SERVICE_VERSION: service_version,
                 SERVICE_INSTANCE_ID: instance_id or str(uuid.uuid4()),

@@ -165,8 +165,3 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
         env={**__import__("os").environ, "TALLYGATE_CONFIG": str(path)},
     )
     assert done.returncode == 0 and "only-here" in done.stdout
-
-
-def test_a_provider_kind_not_implemented_yet_is_refused_at_start() -> None:
-    msg = error_for(with_({"providers": {"claude": {"kind": "anthropic", "api_key": "x"}}}))
-    assert "providers.claude.kind" in msg and "not implemented" in msg

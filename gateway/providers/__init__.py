@@ -4,5 +4,6 @@
 PROVIDERS = {
     "openai": "gateway.providers.openai:OpenAIProvider",
     "azure": "gateway.providers.azure:AzureProvider",
+    "anthropic": "gateway.providers.anthropic:AnthropicProvider",
     "mock": "gateway.providers.mock:MockProvider",
 }

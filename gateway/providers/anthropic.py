@@ -1,0 +1,259 @@
+"""Anthropic's Messages API: chat completions translated both ways; native pass-through.
+
+`send()` takes the canonical OpenAI chat body and returns OpenAI JSON or an OpenAI chunk
+stream (gateway.translate.anthropic_upstream), so the rest of the pipeline is the same as
+for any provider. `send_native()` relays Anthropic's own API untranslated (/v1/messages).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, ClassVar
+
+import httpx
+import orjson
+
+from gateway.config import ProviderConfig
+from gateway.providers.base import UpstreamResponse
+from gateway.providers.http import make_client, timeouts
+from gateway.sse import SSEDecoder, is_sse
+from gateway.translate.anthropic_common import (
+    DONE,
+    TranslationError,
+    event_name,
+    openai_error,
+    openai_error_from_anthropic,
+    sse_data,
+)
+from gateway.translate.anthropic_upstream import (
+    MessagesRequest,
+    StreamTranslator,
+    chat_completion,
+    messages_request,
+)
+from pricing.table import PriceTable, output_limit
+
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+DEFAULT_VERSION = "2023-06-01"
+FALLBACK_MAX_TOKENS = 4096  # max_tokens for a model the price table does not know
+JSON_HEADERS = {"content-type": "application/json"}
+SSE_HEADERS = {"content-type": "text/event-stream"}
+# not carried over from a response whose body we rewrote
+_BODY_HEADERS = frozenset(
+    ("content-length", "content-encoding", "transfer-encoding", "content-type")
+)
+# never taken from a caller of send_native: the provider's key is the only one that leaves
+_AUTH_HEADERS = frozenset(("x-api-key", "authorization"))
+
+
+def table_max_output() -> Callable[[str], int]:
+    """The model's max output from the built-in price table, else FALLBACK_MAX_TOKENS."""
+    table = PriceTable.load()
+    return lambda model: output_limit(table.lookup(model, "anthropic"), FALLBACK_MAX_TOKENS)
+
+
+class AnthropicProvider:
+    kind: ClassVar[str] = "anthropic"
+    operations: ClassVar[frozenset[str]] = frozenset(("chat",))  # translated; see send_native
+
+    def __init__(
+        self,
+        name: str,
+        config: ProviderConfig,
+        client: httpx.AsyncClient | None = None,
+        *,
+        max_output: Callable[[str], int] | None = None,
+    ) -> None:
+        self.name = name
+        self.config = config
+        base = (config.base_url or DEFAULT_BASE_URL).rstrip("/")
+        self.base_url = base.removesuffix("/v1")  # both spellings of the base work
+        url = httpx.URL(self.base_url)
+        self.server_address: str | None = url.host
+        self.server_port: int | None = url.port or (443 if url.scheme == "https" else 80)
+        self.client = client or make_client(config)
+        self._headers = {
+            "content-type": "application/json",
+            "accept-encoding": "identity",  # streams are read as they come; gzip costs CPU
+            "anthropic-version": config.api_version or DEFAULT_VERSION,
+            **config.headers,
+            **self.auth_headers(),
+        }
+        # Anthropic requires max_tokens: a request without a cap gets the model's max output
+        # (what admission reserved for it), looked up once per model.
+        self._max_output = max_output or table_max_output()
+        self._caps: dict[str, int] = {}
+        self._timeouts: dict[float, dict[str, float | None]] = {}
+        self._urls: dict[str, httpx.URL] = {}
+
+    def auth_headers(self) -> dict[str, str]:
+        key = self.config.api_key
+        if not key or key.lower() == "none":
+            return {}
+        return {"x-api-key": key}
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+    async def send(
+        self,
+        operation: str,
+        model: str,
+        body: dict[str, Any],
+        *,
+        stream: bool,
+        timeout_s: float,
+        headers: Mapping[str, str],
+    ) -> UpstreamResponse:
+        if operation != "chat":
+            return refused(f"anthropic deployments serve chat completions, not '{operation}'.")
+        try:
+            request = messages_request(body, self.default_max_tokens(model))
+        except TranslationError as exc:
+            return refused(exc.message, exc.param)
+        response = await self._post("/v1/messages", orjson.dumps(request.body), headers, timeout_s)
+        if stream and response.status_code == 200:
+            return UpstreamResponse(
+                200,
+                rewritten_headers(response.headers, SSE_HEADERS),
+                chunks=translated_stream(response.aiter_raw(), request),
+                close=response.aclose,
+            )
+        try:
+            content = await response.aread()
+        finally:
+            await response.aclose()
+        return translated_body(response.status_code, response.headers, content, request)
+
+    async def send_native(
+        self,
+        path: str,
+        body: bytes | dict[str, Any],
+        headers: Mapping[str, str],
+        *,
+        stream: bool,
+        timeout_s: float,
+    ) -> UpstreamResponse:
+        """`body` POSTed to `path` (/v1/messages, /v1/messages/count_tokens) as it is, with
+        the provider's key; `headers` (anthropic-version, anthropic-beta, x-request-id,
+        traceparent) besides, except credentials. The response comes back untranslated."""
+        content = body if isinstance(body, bytes) else orjson.dumps(body)
+        extra = {k: v for k, v in headers.items() if k.lower() not in _AUTH_HEADERS}
+        response = await self._post(path, content, extra, timeout_s)
+        if stream and response.status_code == 200:
+            return UpstreamResponse(
+                200, response.headers, chunks=response.aiter_raw(), close=response.aclose
+            )
+        try:
+            data = await response.aread()
+        finally:
+            await response.aclose()
+        return UpstreamResponse(response.status_code, response.headers, body=data)
+
+    def default_max_tokens(self, model: str) -> int:
+        cap = self._caps.get(model)
+        if cap is None:
+            cap = self._caps[model] = self._max_output(model)
+        return cap
+
+    async def _post(
+        self, path: str, content: bytes, headers: Mapping[str, str], timeout_s: float
+    ) -> httpx.Response:
+        timeout = self._timeouts.get(timeout_s)
+        if timeout is None:
+            timeout = self._timeouts[timeout_s] = timeouts(self.config, timeout_s).as_dict()
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self.base_url + path)
+        request = httpx.Request(
+            "POST",
+            url,
+            content=content,
+            headers={**self._headers, **headers},
+            extensions={"timeout": timeout},
+        )
+        # Straight to the (instrumented) transport; see gateway.providers.http.make_client.
+        return await self.client._transport.handle_async_request(request)
+
+
+def refused(message: str, param: str | None = None) -> UpstreamResponse:
+    """A request this provider cannot send: 400 in OpenAI's shape, nothing sent upstream."""
+    body = openai_error(message, "invalid_request_error", "unsupported_by_provider", param)
+    return UpstreamResponse(400, JSON_HEADERS, body=orjson.dumps(body))
+
+
+def rewritten_headers(upstream: Mapping[str, str], kind: Mapping[str, str]) -> dict[str, str]:
+    """The upstream's headers (retry-after, request-id, ...) for a body we rewrote."""
+    out = {k: v for k, v in upstream.items() if k.lower() not in _BODY_HEADERS}
+    out.update(kind)
+    return out
+
+
+def translated_body(
+    status: int, headers: Mapping[str, str], content: bytes, request: MessagesRequest
+) -> UpstreamResponse:
+    """A whole response in OpenAI's shape: a chat completion, or an error with the same
+    status. A success body that is not a Message (an HTML page from a proxy) is left as it
+    is, for the pipeline to report as unreadable."""
+    try:
+        data = orjson.loads(content)
+    except orjson.JSONDecodeError:
+        data = None
+    if status >= 400:
+        out = openai_error_from_anthropic(status, data, content)
+    elif isinstance(data, dict) and data.get("type") == "message":
+        out = chat_completion(data, created=int(time.time()), json_tool=request.json_tool)
+    else:
+        return UpstreamResponse(status, headers, body=content)
+    return UpstreamResponse(
+        status, rewritten_headers(headers, JSON_HEADERS), body=orjson.dumps(out)
+    )
+
+
+async def translated_stream(
+    raw: AsyncIterator[bytes], request: MessagesRequest
+) -> AsyncIterator[bytes]:
+    """Anthropic's SSE bytes → OpenAI chunk SSE bytes, event by event as they arrive.
+
+    Transport errors propagate (the relay reports them). Bytes that are not Anthropic's
+    events pass through untouched, for the relay to report as an unreadable stream."""
+    translator = StreamTranslator(
+        created=int(time.time()), include_usage=request.include_usage, json_tool=request.json_tool
+    )
+    decoder = SSEDecoder()
+    async for piece in raw:
+        out = translate_events(translator, decoder.feed(piece))
+        if out:
+            yield out
+    tail = decoder.tail()
+    out = translate_events(translator, decoder.feed(b"\n\n")) if tail.strip() else b""
+    if not translator.done:
+        closing = translator.close()
+        out += b"".join(sse_data(chunk) for chunk in closing)
+        if translator.done:
+            out += DONE
+    if out:
+        yield out
+
+
+def translate_events(translator: StreamTranslator, events: Any) -> bytes:
+    out = []
+    for raw, data in events:
+        if data is None:
+            if not is_sse(raw):
+                out.append(raw)
+            continue
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            out.append(raw)
+            continue
+        if translator.done:
+            continue
+        out.extend(sse_data(chunk) for chunk in translator.feed(event_name(raw), obj))
+        if translator.done and obj.get("type") != "error":
+            out.append(DONE)
+    return b"".join(out)
