@@ -35,6 +35,7 @@ from pricing.table import Price, output_limit
 from pricing.usage import DEFAULT_TOKEN_BOUND, at_least
 
 if TYPE_CHECKING:
+    from gateway.apis import Api
     from gateway.state import Gateway
 
 log = logging.getLogger("tallygate.admission")
@@ -98,9 +99,12 @@ def requested_output_cap(body: dict) -> int | None:
 def choices(operation: str, body: dict) -> int:
     """How many completions the provider bills for: `n` (chat, completions) x `best_of`
     (completions generate best_of and return n) x the prompts of a batched completion.
-    Embeddings: the number of inputs (it only bounds their usage report)."""
+    Embeddings: the number of inputs (it only bounds their usage report). A response (the
+    Responses API has no `n`): one. `operation` is the API's name (gateway/apis.py)."""
     if operation == "embeddings":
         return _items(body.get("input"))
+    if operation == "responses":
+        return 1
     n = _count_field(body, "n")
     if operation != "text_completion":
         return n
@@ -156,7 +160,7 @@ class _Plan:
 
 def reservation_plan(
     gw: Gateway, ctx: RequestContext, plan: list[Deployment], prices: dict[str, Price | None],
-    prompt_tokens: int, n: int,
+    prompt_tokens: int, n: int, cap_field: str | None = None,
 ) -> _Plan:  # fmt: skip
     """Output cap per deployment = the smallest of the request's cap, the team's
     max_output_tokens and the model's limit (max output, else context window, else
@@ -178,9 +182,12 @@ def reservation_plan(
             cap = min(c for c in (requested, team_cap, limit) if c is not None)
             out.caps[dep.label] = cap
             if team_cap is not None and cap == team_cap < limit:
-                field = upstream_cap_field(ctx.operation, ctx.body, dep.model)
+                field = cap_field or upstream_cap_field(ctx.operation, ctx.body, dep.model)
                 if ctx.body.get(field) != cap:
                     out.send_caps[dep.label] = (field, cap)
+            elif requested is None and gw.providers[dep.provider].kind == "anthropic":
+                # the Messages API requires max_tokens: send the cap reserved for
+                out.send_caps[dep.label] = ("max_tokens", cap)
         if price is not None:
             amount = max_cost_nano(price, prompt_tokens, out.caps[dep.label] * n)
             if amount >= out.amount:
@@ -199,13 +206,13 @@ def upstream_cap_field(operation: str, body: dict, model: str) -> str:
     return "max_tokens"
 
 
-async def admit(gw: Gateway, ctx: RequestContext, plan: list[Deployment]) -> Admission:
+async def admit(gw: Gateway, ctx: RequestContext, plan: list[Deployment], api: Api) -> Admission:
     principal = ctx.principal
     assert principal is not None and ctx.body is not None  # earlier stages guarantee both
     team = gw.config.teams[principal.team]
     prices = price_plan(gw, plan)
-    n = choices(ctx.operation, ctx.body)
-    count = await gw.counter.count_request(ctx.operation, plan[0].model, ctx.body)
+    n = choices(api.name, ctx.body)
+    count = await gw.counter.count_request(api.name, plan[0].model, ctx.body)
 
     rscopes = rate_scopes(principal.team, principal.key_name, team.rate_limit, team.key_rate_limit)
     if rscopes:
@@ -225,7 +232,7 @@ async def admit(gw: Gateway, ctx: RequestContext, plan: list[Deployment]) -> Adm
                 headers={"retry-after": str(retry)},
             )
 
-    rplan = reservation_plan(gw, ctx, plan, prices, count.tokens, n)
+    rplan = reservation_plan(gw, ctx, plan, prices, count.tokens, n, api.cap_field)
     if rplan.amount > MAX_AMOUNT_NANO:
         raise InvalidRequest(
             f"This request could cost up to ${format_usd(rplan.amount)} ({n} completion(s) of up "
@@ -245,23 +252,30 @@ async def admit(gw: Gateway, ctx: RequestContext, plan: list[Deployment]) -> Adm
     if isinstance(result, BudgetRejection):
         ctx.rejected = "budget"
         gw.telemetry.count("rejection", ctx, kind="budget")
-        raise budget_exceeded(result, principal.team, rplan, count.tokens, n, now)
+        raise budget_exceeded(
+            result, principal.team, rplan, count.tokens, n, now, api.cap_field or "max_tokens"
+        )
     return Admission(rscopes, bscopes, result, prices, count.tokens, rplan.caps, n)
 
 
 def budget_exceeded(
-    rej: BudgetRejection, team: str, rplan: _Plan, prompt_tokens: int, n: int, now: float
-) -> BudgetExceeded:
+    rej: BudgetRejection, team: str, rplan: _Plan, prompt_tokens: int, n: int, now: float,
+    cap_name: str = "max_tokens",
+) -> BudgetExceeded:  # fmt: skip
     """A 429 the SDKs do not retry (x-should-retry: false): retrying cannot help before the
     period resets, which Retry-After says; the message says what would fit instead."""
     headers = {"x-should-retry": "false"}
     if rej.scope.period_end is not None:
         headers["retry-after"] = str(max(1, math.ceil(rej.scope.period_end - now)))
-    message = budget_message(rej, team) + fit_hint(rej, rplan.priciest, prompt_tokens, n)
+    hint = fit_hint(rej, rplan.priciest, prompt_tokens, n, cap_name)
+    message = budget_message(rej, team) + hint
     return BudgetExceeded(message, headers=headers)
 
 
-def fit_hint(rej: BudgetRejection, price: Price | None, prompt_tokens: int, n: int) -> str:
+def fit_hint(
+    rej: BudgetRejection, price: Price | None, prompt_tokens: int, n: int,
+    cap_name: str = "max_tokens",
+) -> str:  # fmt: skip
     """What would still fit in the remaining budget at the request's dearest price."""
     left = (rej.scope.limit_nano or 0) - rej.spent_nano - rej.reserved_nano
     if price is None or left <= 0:
@@ -275,7 +289,7 @@ def fit_hint(rej: BudgetRejection, price: Price | None, prompt_tokens: int, n: i
     fits = (left - prompt_cost) * 1_000_000 // per_output
     if fits < 1:
         return f" Only ${format_usd(left)} is left: not enough for one output token."
-    return f" With ${format_usd(left)} left, the same request with max_tokens <= {fits} would fit."
+    return f" With ${format_usd(left)} left, the same request with {cap_name} <= {fits} would fit."
 
 
 def budget_message(rej: BudgetRejection, team: str) -> str:
@@ -346,7 +360,7 @@ async def settle(
         )
     limited = [s for s in admission.budget if s.limit_nano is not None]
     if limited and admission.reservation is not None:
-        ctx.budget_remaining_nano = await remaining_nano(gw, limited)
+        ctx.budget_remaining_nano = await remaining_nano(gw, ctx, limited)
 
 
 def report_anomalies(gw: Gateway, ctx: RequestContext, deployment: str) -> None:
@@ -360,12 +374,14 @@ def report_anomalies(gw: Gateway, ctx: RequestContext, deployment: str) -> None:
     )  # fmt: skip
 
 
-async def remaining_nano(gw: Gateway, scopes: list[BudgetScope]) -> int | None:
-    """The tightest limited scope's limit minus its spend and reservations, after settling."""
+async def remaining_nano(gw: Gateway, ctx: RequestContext, scopes: list[BudgetScope]) -> int | None:
+    """The tightest limited scope's limit minus its spend and reservations, after settling;
+    the same balances tell the budget alerts which thresholds were reached."""
     try:
         rows = await gw.store.balances(tuple(scopes))
     except StoreError:
         return None
+    await gw.alerts.observe(gw.config, ctx, scopes, rows)
     return min(
         (s.limit_nano or 0) - r.spent_nano - r.reserved_nano
         for s, r in zip(scopes, rows, strict=True)

@@ -16,8 +16,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gateway import runtime
+from gateway.apis import CHAT, EMBEDDINGS, RESPONSES, TEXT_COMPLETION, Api
 from gateway.config import Config
-from gateway.errors import GatewayError, PermissionDenied, error_response
+from gateway.errors import GatewayError, ModelNotFound, PermissionDenied, error_response
 from gateway.pipeline import handle
 from gateway.spend import spend_report
 from gateway.state import Gateway, TelemetryHooks
@@ -29,9 +30,9 @@ def gateway_of(request: Request) -> Gateway:
     return request.app.state.gateway  # type: ignore[no-any-return]
 
 
-def inference(operation: str) -> Endpoint:
+def inference(api: Api) -> Endpoint:
     async def endpoint(request: Request) -> Response:
-        return await handle(gateway_of(request), request, operation)
+        return await handle(gateway_of(request), request, api)
 
     return endpoint
 
@@ -51,15 +52,31 @@ def authenticated(endpoint: Endpoint, *, admin: bool = False) -> Endpoint:
     return wrapped
 
 
+def model_object(gw: Gateway, alias: str) -> dict[str, object]:
+    return {"id": alias, "object": "model", "created": int(gw.started_at), "owned_by": "tallygate"}
+
+
+def may_use(gw: Gateway, request: Request, alias: str) -> bool:
+    allowed = gw.config.teams[request.state.principal.team].models
+    return alias in gw.config.models and (allowed is None or alias in allowed)
+
+
 async def list_models(request: Request) -> Response:
     gw = gateway_of(request)
-    allowed = gw.config.teams[request.state.principal.team].models
-    names = [m for m in gw.config.models if allowed is None or m in allowed]
-    created = int(gw.started_at)
-    data = [
-        {"id": m, "object": "model", "created": created, "owned_by": "tallygate"} for m in names
-    ]
+    data = [model_object(gw, m) for m in gw.config.models if may_use(gw, request, m)]
     return JSONResponse({"object": "list", "data": data})
+
+
+async def retrieve_model(request: Request) -> Response:
+    """One alias, as in the list; 404 model_not_found for an alias the team may not use,
+    as for one that does not exist (which aliases exist is not the caller's to learn)."""
+    gw = gateway_of(request)
+    alias = request.path_params["model"]
+    if not may_use(gw, request, alias):
+        return ModelNotFound(
+            f"The model `{alias}` does not exist or you do not have access to it.", param="model"
+        ).to_response()
+    return JSONResponse(model_object(gw, alias))
 
 
 async def admin_spend(request: Request) -> Response:
@@ -102,10 +119,15 @@ def routes() -> list[Route]:
     table: list[Route] = []
     for prefix in ("/v1", ""):
         table += [
-            Route(f"{prefix}/chat/completions", inference("chat"), methods=["POST"]),
-            Route(f"{prefix}/completions", inference("text_completion"), methods=["POST"]),
-            Route(f"{prefix}/embeddings", inference("embeddings"), methods=["POST"]),
+            Route(f"{prefix}/chat/completions", inference(CHAT), methods=["POST"]),
+            Route(f"{prefix}/completions", inference(TEXT_COMPLETION), methods=["POST"]),
+            Route(f"{prefix}/embeddings", inference(EMBEDDINGS), methods=["POST"]),
+            Route(f"{prefix}/responses", inference(RESPONSES), methods=["POST"]),
             Route(f"{prefix}/models", authenticated(list_models), methods=["GET"]),
+            # :path, so an alias with a slash in it ("org/model") is one id
+            Route(
+                f"{prefix}/models/{{model:path}}", authenticated(retrieve_model), methods=["GET"]
+            ),
         ]
     table += [
         Route("/admin/spend", authenticated(admin_spend, admin=True), methods=["GET"]),

@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 from gateway.admission import OUTPUT_CAP_FIELDS
+from gateway.apis import Api
 from gateway.context import Attempt, RequestContext
 from gateway.errors import (
     GatewayError,
@@ -24,6 +25,10 @@ from gateway.upstream_errors import (
 perf_counter = time.perf_counter
 
 
+# the fields that carry a prompt, in any API's body (the Responses API: input, instructions)
+PROMPT_FIELDS = ("messages", "prompt", "input", "instructions")
+
+
 def outgoing(gw: Gateway, ctx: RequestContext) -> dict[str, Any]:
     """The client's body as it may leave the gateway: with redaction.upstream, its prompt
     fields masked (once per request, whatever the number of attempts)."""
@@ -31,7 +36,7 @@ def outgoing(gw: Gateway, ctx: RequestContext) -> dict[str, Any]:
     if not gw.config.redaction.upstream:
         return ctx.body
     body = dict(ctx.body)
-    for name in ("messages", "prompt", "input"):
+    for name in PROMPT_FIELDS:
         if name in body:
             body[name], counts = gw.redactor.redact_value(body[name], truncate=False)
             for kind, n in counts.items():
@@ -40,10 +45,11 @@ def outgoing(gw: Gateway, ctx: RequestContext) -> dict[str, Any]:
 
 
 def upstream_body(
-    ctx: RequestContext, base: dict[str, Any], dep: Deployment, *, inject_usage: bool = True
+    ctx: RequestContext, base: dict[str, Any], dep: Deployment, *, inject_usage: bool
 ) -> tuple[dict[str, Any], bool]:
-    """`base` with only `model` rewritten, plus stream usage when the client did not ask,
-    and the team's output cap where it applies (admission decided it per deployment).
+    """`base` with only `model` rewritten, plus stream usage when the client did not ask
+    (`inject_usage`: the API's streams carry usage only when asked), and the team's output
+    cap where it applies (admission decided it per deployment).
 
     Returns (body, hide_usage): hide_usage means the usage chunk we asked for is not the
     client's to see."""
@@ -56,7 +62,7 @@ def upstream_body(
             if name != cap[0] and isinstance(body.get(name), int) and body[name] > cap[1]:
                 body[name] = cap[1]
     hide_usage = False
-    if inject_usage and ctx.stream and ctx.operation != "embeddings":
+    if inject_usage and ctx.stream:
         options = body.get("stream_options")
         if not (isinstance(options, dict) and options.get("include_usage")):
             body["stream_options"] = {
@@ -68,7 +74,7 @@ def upstream_body(
 
 
 async def forward(
-    gw: Gateway, ctx: RequestContext, plan: list[Deployment]
+    gw: Gateway, ctx: RequestContext, plan: list[Deployment], api: Api
 ) -> tuple[UpstreamResponse, Deployment]:
     """Try deployments in order; retry retryable failures with backoff, then fall back.
 
@@ -81,14 +87,14 @@ async def forward(
     for position, dep in enumerate(plan):
         if position:
             gw.telemetry.count("fallback", ctx)
-        body, ctx.hide_usage = upstream_body(ctx, base, dep)
+        body, ctx.hide_usage = upstream_body(ctx, base, dep, inject_usage=api.stream_usage)
         for retry in range(retries + 1):
-            up, exc = await attempt(gw, ctx, dep, body)
+            up, exc = await attempt(gw, ctx, dep, body, api.name)
             if up is not None and up.status == 400 and rejects_stream_options(ctx, up):
                 # A server that does not know stream_options: ask again as the client did
                 # (its usage, if any, is then read or counted by us).
                 body, ctx.hide_usage = upstream_body(ctx, base, dep, inject_usage=False)
-                up, exc = await attempt(gw, ctx, dep, body)
+                up, exc = await attempt(gw, ctx, dep, body, api.name)
             if up is not None:
                 if up.status not in RETRYABLE_STATUS:
                     if up.status < 400:
@@ -119,9 +125,10 @@ async def forward(
 
 
 async def attempt(
-    gw: Gateway, ctx: RequestContext, dep: Deployment, body: dict[str, Any]
+    gw: Gateway, ctx: RequestContext, dep: Deployment, body: dict[str, Any], operation: str
 ) -> tuple[UpstreamResponse | None, BaseException | None]:
-    """One upstream attempt, its span and its timing: (response, None) or (None, error)."""
+    """One upstream attempt, its span and its timing: (response, None) or (None, error).
+    `operation`: the API's name, which the provider maps to its path."""
     provider = gw.providers[dep.provider]
     current = Attempt(
         number=len(ctx.attempts) + 1,
@@ -138,7 +145,7 @@ async def attempt(
     try:
         with gw.telemetry.use_attempt(current):
             up = await provider.send(
-                ctx.operation,
+                operation,
                 dep.model,
                 body,
                 stream=ctx.stream,

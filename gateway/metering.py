@@ -1,13 +1,21 @@
-"""Metering: read what the upstream answered (ids, finish reasons, text, usage) once, as dicts."""
+"""Metering: read what the upstream answered (ids, finish reasons, text, usage) once, as dicts.
+
+One reader per API shape: a whole body (`observe_body`, `observe_response`) and a stream
+observer (`StreamObserver` for chat and legacy completions, `ResponsesStreamObserver` for
+the Responses API). An observer also knows its protocol's events: where a usage report
+sits, and the in-band error event that ends a broken stream."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from gateway.context import RequestContext
 from pricing.usage import Usage, read_openai_usage
 
 if TYPE_CHECKING:
+    from gateway.errors import GatewayError
     from gateway.state import Gateway
 
 # Model families that think before they answer and do not stream their thoughts: when no
@@ -15,9 +23,13 @@ if TYPE_CHECKING:
 HIDDEN_REASONING_PREFIXES = ("o1", "o3", "o4", "gpt-5", "deepseek-reasoner", "deepseek-r1",
                              "magistral", "codex")  # fmt: skip
 
+# What a stream event carried, as flags an observer returns (0: nothing the relay acts on).
+USAGE = 1  # a usage report: the event gets usage.cost, or is hidden when we asked for it
+ERROR = 2  # an error reported by the upstream itself: relayed, and recorded
+
 
 def observe_body(ctx: RequestContext, data: dict[str, Any]) -> None:
-    """A whole (non-stream) OpenAI-format response."""
+    """A whole (non-stream) chat completion or legacy completion."""
     ctx.response_id = data.get("id")
     ctx.response_model = data.get("model")
     for choice in data.get("choices") or ():
@@ -50,8 +62,15 @@ def read_usage(ctx: RequestContext, usage: Any) -> None:
     ctx.usage_anomalies = reading.anomalies
 
 
+def error_message(error: Any) -> str | None:
+    """The message of an OpenAI error object, if it has one."""
+    message = error.get("message") if isinstance(error, dict) else None
+    return message if isinstance(message, str) else None
+
+
 class StreamObserver:
-    """Folds stream chunks into the context: the first id/model, finish reasons, text, tool calls."""
+    """Chat and legacy completion chunks folded into the context: the first id/model, finish
+    reasons, text, tool calls, usage."""
 
     __slots__ = ("_calls", "ctx")
 
@@ -59,7 +78,8 @@ class StreamObserver:
         self.ctx = ctx
         self._calls: dict[tuple[int, int], dict[str, Any]] = {}
 
-    def chunk(self, data: dict[str, Any]) -> None:
+    def chunk(self, data: dict[str, Any]) -> int:
+        """Reads one chunk; returns its USAGE / ERROR flags."""
         ctx = self.ctx
         if ctx.response_id is None:
             ctx.response_id = data.get("id")
@@ -78,9 +98,12 @@ class StreamObserver:
                     ctx.output_text.append(text)
             if choice.get("finish_reason"):
                 ctx.finish_reasons.append(choice["finish_reason"])
+        flags = ERROR if data.get("error") else 0
         usage = data.get("usage")
         if usage:
             read_usage(ctx, usage)
+            flags |= USAGE
+        return flags
 
     def _tool_call(self, choice: int, call: dict[str, Any]) -> None:
         key = (choice, call.get("index", 0))
@@ -95,6 +118,170 @@ class StreamObserver:
             self.ctx.output_tool_calls.append(slot)
         if fn.get("arguments"):
             slot["arguments"] += fn["arguments"]
+
+    @staticmethod
+    def usage_of(data: dict[str, Any]) -> Any:
+        """The usage object of a chunk that has one (flagged USAGE)."""
+        return data["usage"]
+
+    @staticmethod
+    def error_text(data: dict[str, Any]) -> str | None:
+        """The message of an upstream error chunk (flagged ERROR)."""
+        return error_message(data.get("error"))
+
+    def error_event(self, err: GatewayError) -> bytes:
+        """How a broken stream ends: one `data:` event with OpenAI's error object, which the
+        SDKs raise (as OpenAI itself signals an error after the headers)."""
+        return b"data: " + orjson.dumps(err.body()) + b"\n\n"
+
+
+# --- the Responses API ------------------------------------------------------------------
+
+TERMINAL_EVENTS = frozenset(("response.completed", "response.incomplete", "response.failed"))
+STARTED_EVENTS = frozenset(("response.created", "response.in_progress", "response.queued"))
+# why a response stopped (status, incomplete_details.reason) → the chat vocabulary, so
+# gen_ai.response.finish_reasons means the same whichever API was used
+INCOMPLETE_REASONS = {"max_output_tokens": "length", "content_filter": "content_filter"}
+
+
+def observe_response(ctx: RequestContext, data: dict[str, Any]) -> None:
+    """A whole Responses API `response` object: id, model, output text and function calls,
+    the finish reason (from status), usage."""
+    ctx.response_id = data.get("id")
+    ctx.response_model = data.get("model")
+    read_output(ctx, data.get("output") or ())
+    finish_reason(ctx, data)
+    usage = data.get("usage")
+    if usage is not None:
+        read_usage(ctx, usage)
+
+
+def read_output(ctx: RequestContext, output: Any) -> None:
+    """Output items: message text (and refusals) and function calls. Other items (reasoning,
+    hosted tool calls) carry no text the client sees; their tokens are in the usage."""
+    for item in output:
+        kind = item.get("type")
+        if kind == "message":
+            for part in item.get("content") or ():
+                text = (
+                    part.get("text") if part.get("type") == "output_text" else part.get("refusal")
+                )
+                if isinstance(text, str):
+                    ctx.output_text.append(text)
+        elif kind == "function_call":
+            ctx.output_tool_calls.append(function_call(item))
+
+
+def function_call(item: dict[str, Any]) -> dict[str, Any]:
+    arguments = item.get("arguments")
+    return {
+        "id": item.get("call_id"),
+        "name": item.get("name"),
+        "arguments": arguments if isinstance(arguments, str) else "",
+    }
+
+
+def finish_reason(ctx: RequestContext, response: dict[str, Any]) -> None:
+    status = response.get("status")
+    if status == "completed":
+        ctx.finish_reasons.append("tool_calls" if ctx.output_tool_calls else "stop")
+    elif status == "incomplete":
+        details = response.get("incomplete_details") or {}
+        reason = details.get("reason")
+        ctx.finish_reasons.append(INCOMPLETE_REASONS.get(reason, "length"))
+    elif status == "failed":
+        ctx.finish_reasons.append("error")
+    elif status == "cancelled":
+        ctx.finish_reasons.append("cancelled")
+
+
+class ResponsesStreamObserver:
+    """Responses API stream events folded into the context: text deltas, function-call
+    arguments, and the final response (status, usage) from response.completed, .incomplete
+    or .failed. Remembers the last sequence_number, so an error event of ours continues it."""
+
+    __slots__ = ("_calls", "ctx", "sequence")
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self.ctx = ctx
+        self._calls: dict[Any, dict[str, Any]] = {}  # output item id → its tool call
+        self.sequence = -1
+
+    def chunk(self, data: dict[str, Any]) -> int:
+        """Reads one event; returns its USAGE / ERROR flags."""
+        kind = data.get("type")
+        sequence = data.get("sequence_number")
+        if isinstance(sequence, int):
+            self.sequence = sequence
+        if kind == "response.output_text.delta" or kind == "response.refusal.delta":
+            delta = data.get("delta")
+            if isinstance(delta, str) and delta:
+                self.ctx.output_text.append(delta)
+        elif kind == "response.function_call_arguments.delta":
+            slot = self._calls.get(data.get("item_id"))
+            delta = data.get("delta")
+            if slot is not None and isinstance(delta, str):
+                slot["arguments"] += delta
+        elif kind in TERMINAL_EVENTS:
+            return self._end(kind, data.get("response") or {})
+        elif kind in STARTED_EVENTS:
+            response = data.get("response") or {}
+            if self.ctx.response_id is None:
+                self.ctx.response_id = response.get("id")
+                self.ctx.response_model = response.get("model")
+        elif kind == "response.output_item.added" or kind == "response.output_item.done":
+            self._item(data.get("item") or {})
+        elif kind == "error":
+            return ERROR
+        return 0
+
+    def _item(self, item: dict[str, Any]) -> None:
+        if item.get("type") != "function_call":
+            return
+        slot = self._calls.get(item.get("id"))
+        if slot is None:
+            slot = self._calls[item.get("id")] = function_call(item)
+            self.ctx.output_tool_calls.append(slot)
+        elif isinstance(item.get("arguments"), str) and item["arguments"]:
+            slot["arguments"] = item["arguments"]  # the whole, as it was finally sent
+
+    def _end(self, kind: str, response: dict[str, Any]) -> int:
+        ctx = self.ctx
+        ctx.response_id = response.get("id") or ctx.response_id
+        ctx.response_model = response.get("model") or ctx.response_model
+        if not ctx.output_text and not ctx.output_tool_calls:  # no deltas came: the output
+            read_output(ctx, response.get("output") or ())
+        finish_reason(ctx, response)
+        flags = ERROR if kind == "response.failed" else 0
+        usage = response.get("usage")
+        if usage:
+            read_usage(ctx, usage)
+            flags |= USAGE
+        return flags
+
+    @staticmethod
+    def usage_of(data: dict[str, Any]) -> Any:
+        return data["response"]["usage"]
+
+    @staticmethod
+    def error_text(data: dict[str, Any]) -> str | None:
+        if data.get("type") == "error":  # documented flat; also seen nested under "error"
+            return error_message(data) or error_message(data.get("error"))
+        response = data.get("response")
+        return error_message(response.get("error")) if isinstance(response, dict) else None
+
+    def error_event(self, err: GatewayError) -> bytes:
+        """The Responses API's own error event (`event: error`, type "error"), numbered after
+        the last event relayed: the SDKs yield it as a ResponseErrorEvent."""
+        self.sequence += 1
+        event = {
+            "type": "error",
+            "code": err.code,
+            "message": err.message,
+            "param": err.param,
+            "sequence_number": self.sequence,
+        }
+        return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
 
 
 def generated_text(ctx: RequestContext) -> str:

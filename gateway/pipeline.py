@@ -3,6 +3,8 @@
 authenticate → parse → resolve → admit → forward → relay → settle → record.
 
 Authentication runs before parsing so an unauthenticated caller never makes us read a body.
+What differs between endpoints (required field, stream usage, observers, error shapes) comes
+from the request's Api (gateway/apis.py), handed to the stages that need it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from starlette.responses import Response
 from starlette.types import Receive
 
 from gateway.admission import Admission, admit, settle
+from gateway.apis import APIS, Api
 from gateway.context import RequestContext
 from gateway.errors import (
     GatewayError,
@@ -26,39 +29,39 @@ from gateway.errors import (
 )
 from gateway.forwarding import forward
 from gateway.http_limits import check_json_depth
-from gateway.providers.base import UpstreamResponse
+from gateway.providers.base import BASE_OPERATIONS, UpstreamResponse, operations
 from gateway.relay import stream_response
 from gateway.request_ids import incoming_request_id
 from gateway.responses import client_closed, crash, fail, passthrough_error, whole_response
 from gateway.routing import Deployment
 from gateway.state import Gateway
 
-# operation → the body field it cannot do without
-REQUIRED_FIELD = {"chat": "messages", "text_completion": "prompt", "embeddings": "input"}
+# API name → the body field it cannot do without
+REQUIRED_FIELD = {api.name: api.required for api in APIS.values()}
 
 
-async def handle(gw: Gateway, request: Request, operation: str) -> Response:
+async def handle(gw: Gateway, request: Request, api: Api) -> Response:
     request_id, id_headers = incoming_request_id(request.headers, gw.redactor, gw.new_request_id)
     ctx = RequestContext(
         request_id=request_id,
         method=request.method,
         path=request.url.path,
-        operation=operation,
+        operation=api.operation,
         response_headers=id_headers,
     )
     gw.telemetry.start_request(ctx, request.headers)
     try:
         ctx.principal = gw.keys.authenticate(request.headers)
-        await parse(gw, ctx, request)
-        plan = resolve(gw, ctx)
-        admission = await admit(gw, ctx, plan)
+        await parse(gw, ctx, request, api)
+        plan = resolve(gw, ctx, api)
+        admission = await admit(gw, ctx, plan, api)
     except GatewayError as exc:
-        return fail(gw, ctx, exc)
+        return fail(gw, ctx, exc, api)
     except ClientLeft:
         return client_closed(gw, ctx)
     except Exception as exc:
-        return crash(gw, ctx, exc)
-    return await proceed(gw, ctx, plan, admission, request.receive)
+        return crash(gw, ctx, exc, api)
+    return await proceed(gw, ctx, plan, admission, request.receive, api)
 
 
 async def proceed(
@@ -67,17 +70,18 @@ async def proceed(
     plan: list[Deployment],
     admission: Admission,
     receive: Receive,
+    api: Api,
 ) -> Response:
     try:
-        up, dep = await forward_watched(gw, ctx, plan, receive)
+        up, dep = await forward_watched(gw, ctx, plan, receive, api)
         if up.chunks is not None:
-            return stream_response(gw, ctx, up, dep, admission)
+            return stream_response(gw, ctx, up, dep, admission, api)
         if up.status >= 400:
             return await passthrough_error(gw, ctx, up, dep, admission)
-        return await whole_response(gw, ctx, up, dep, admission)
+        return await whole_response(gw, ctx, up, dep, admission, api)
     except GatewayError as exc:
         await settle(gw, ctx, admission, None)
-        return fail(gw, ctx, exc)
+        return fail(gw, ctx, exc, api)
     except ClientLeft:
         await settle_left(gw, ctx, admission)
         return client_closed(gw, ctx)
@@ -86,7 +90,7 @@ async def proceed(
         raise
     except Exception as exc:
         await settle(gw, ctx, admission, None)
-        return crash(gw, ctx, exc)
+        return crash(gw, ctx, exc, api)
 
 
 # --- a client that leaves ---------------------------------------------------------------
@@ -131,7 +135,7 @@ class DisconnectWatch:
 
 
 async def forward_watched(
-    gw: Gateway, ctx: RequestContext, plan: list[Deployment], receive: Receive
+    gw: Gateway, ctx: RequestContext, plan: list[Deployment], receive: Receive, api: Api
 ) -> tuple[UpstreamResponse, Deployment]:
     """forward(), cancelled if the client leaves meanwhile: then raises ClientLeft."""
     task = asyncio.current_task()
@@ -139,7 +143,7 @@ async def forward_watched(
     watch = DisconnectWatch(task, receive)
     timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch.start)
     try:
-        result = await forward(gw, ctx, plan)
+        result = await forward(gw, ctx, plan, api)
     except asyncio.CancelledError:
         # Ours only if the watcher cancelled and nobody else did too (e.g. a shutdown).
         if not watch.left or task.uncancel() > 0:
@@ -173,7 +177,10 @@ async def settle_left(gw: Gateway, ctx: RequestContext, admission: Admission) ->
 # --- stages ---------------------------------------------------------------------------
 
 
-async def parse(gw: Gateway, ctx: RequestContext, request: Request) -> None:
+async def parse(gw: Gateway, ctx: RequestContext, request: Request, api: Api | None = None) -> None:
+    """The body, read once and checked: 400/413 on bad input. `api` defaults to the one
+    named ctx.operation (they coincide but for the Responses API)."""
+    api = api or APIS[ctx.operation]
     limit = gw.max_body_bytes
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -200,9 +207,9 @@ async def parse(gw: Gateway, ctx: RequestContext, request: Request) -> None:
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("You must provide a model parameter.", param="model")
-    field = REQUIRED_FIELD[ctx.operation]
+    field = api.required
     value = body.get(field)
-    if value is None or (field == "messages" and (not isinstance(value, list) or not value)):
+    if value is None or (api.required_list and (not isinstance(value, list) or not value)):
         raise InvalidRequest(
             f"'{field}' is a required property and must not be empty.", param=field
         )
@@ -211,9 +218,11 @@ async def parse(gw: Gateway, ctx: RequestContext, request: Request) -> None:
         raise InvalidRequest(
             f"'stream' must be a boolean, got {type(stream).__name__}.", param="stream"
         )
+    if api.check is not None:
+        api.check(body)
     ctx.body = body
     ctx.requested_model = model
-    ctx.stream = bool(stream) and ctx.operation != "embeddings"
+    ctx.stream = bool(stream) and api.streams
 
 
 def too_large(gw: Gateway) -> RequestTooLarge:
@@ -222,7 +231,7 @@ def too_large(gw: Gateway) -> RequestTooLarge:
     )
 
 
-def resolve(gw: Gateway, ctx: RequestContext) -> list[Deployment]:
+def resolve(gw: Gateway, ctx: RequestContext, api: Api) -> list[Deployment]:
     assert ctx.principal is not None and ctx.requested_model is not None
     route = gw.router.get(ctx.requested_model)
     if route is None:
@@ -236,4 +245,14 @@ def resolve(gw: Gateway, ctx: RequestContext) -> list[Deployment]:
             f"Team '{ctx.principal.team}' is not allowed to use model `{ctx.requested_model}`.",
             param="model",
         )
-    return gw.router.plan(route)
+    plan = gw.router.plan(route)
+    if api.name in BASE_OPERATIONS:  # every provider serves these
+        return plan
+    served = [dep for dep in plan if api.name in operations(gw.providers[dep.provider])]
+    if not served:
+        raise InvalidRequest(
+            f"The model `{ctx.requested_model}` has no deployment that serves {ctx.path} "
+            f"(its providers: {', '.join(sorted({d.provider for d in plan}))}).",
+            param="model",
+        )
+    return served

@@ -12,8 +12,9 @@ import orjson
 from starlette.responses import Response, StreamingResponse
 
 from gateway.admission import Admission, charge, settle
+from gateway.apis import Api, Observer
 from gateway.context import RequestContext
-from gateway.metering import StreamObserver
+from gateway.metering import ERROR, USAGE
 from gateway.providers.base import UpstreamResponse
 from gateway.responses import (
     UNREADABLE,
@@ -23,7 +24,7 @@ from gateway.responses import (
     upstream_message,
 )
 from gateway.routing import Deployment
-from gateway.sse import SSEDecoder, is_sse
+from gateway.sse import SSEDecoder, is_sse, with_data
 from gateway.state import Gateway
 from gateway.upstream_errors import (
     TRANSPORT_ERRORS,
@@ -37,13 +38,14 @@ perf_counter = time.perf_counter
 
 
 def stream_response(
-    gw: Gateway, ctx: RequestContext, up: UpstreamResponse, dep: Deployment, admission: Admission
-) -> Response:
+    gw: Gateway, ctx: RequestContext, up: UpstreamResponse, dep: Deployment, admission: Admission,
+    api: Api,
+) -> Response:  # fmt: skip
     ctx.status = 200
     headers = upstream_headers(up, ctx, dep)
     headers["cache-control"] = "no-cache"
     headers["x-tallygate-overhead-ms"] = f"{ctx.overhead_s * 1000:.3f}"
-    relay = StreamRelay(gw, ctx, up, dep, admission)
+    relay = StreamRelay(gw, ctx, up, dep, admission, api.observer(ctx))
     return RelayResponse(relay, headers=headers, media_type="text/event-stream")
 
 
@@ -63,7 +65,8 @@ class RelayResponse(StreamingResponse):
 
 
 class StreamRelay:
-    """Relays one upstream stream event by event as it arrives, parsing each event once."""
+    """Relays one upstream stream event by event as it arrives, parsing each event once.
+    The observer reads the events of the API's protocol (gateway/metering.py)."""
 
     def __init__(
         self,
@@ -72,8 +75,10 @@ class StreamRelay:
         up: UpstreamResponse,
         dep: Deployment,
         admission: Admission,
+        observer: Observer,
     ) -> None:
         self.gw, self.ctx, self.up, self.dep, self.admission = gw, ctx, up, dep, admission
+        self.observer = observer
         self.done = False
         self.finishing: asyncio.Task[None] | None = None
 
@@ -88,22 +93,22 @@ class StreamRelay:
         return self.finishing
 
     def with_cost(self, chunk: dict[str, Any], event: bytes) -> bytes:
-        """The client's usage chunk with `usage.cost` (USD) added: what the same usage costs
+        """The client's usage event with `usage.cost` (USD) added: what the same usage costs
         on a whole response (x-tallygate-cost-usd), from the same computation."""
-        usage = chunk["usage"]
+        usage = self.observer.usage_of(chunk)
         if not isinstance(usage, dict):
             return event
         cost = charge(self.gw, self.ctx, self.admission, self.dep.label)
         if cost is None:
             return event
         usage["cost"] = float(format_usd(cost))
-        return b"data: " + orjson.dumps(chunk) + b"\n\n"
+        return with_data(event, orjson.dumps(chunk))
 
     async def events(self) -> AsyncIterator[bytes]:
         gw, ctx, dep = self.gw, self.ctx, self.dep
         assert self.up.chunks is not None
         decoder = SSEDecoder()
-        observer = StreamObserver(ctx)
+        observer = self.observer
         hide_usage = ctx.hide_usage
         chunks = self.up.chunks.__aiter__()
         last_sent = 0.0
@@ -125,8 +130,8 @@ class StreamRelay:
                     err = map_transport_error(exc, dep.label)
                     ctx.error_type = "stream_interrupted"
                     ctx.error_message = err.message
-                    # Headers are gone: signal the failure in-band, the way OpenAI does.
-                    yield b"data: " + orjson.dumps(err.body()) + b"\n\n"
+                    # Headers are gone: signal the failure in-band, as the protocol does.
+                    yield observer.error_event(err)
                     break
                 now = perf_counter()
                 ctx.upstream_wait_s += now - t0
@@ -148,17 +153,18 @@ class StreamRelay:
                             bad = ("an event whose data is not a JSON object", event)
                             break
                         try:
-                            observer.chunk(obj)
+                            flags = observer.chunk(obj)
                         except UNREADABLE:
                             bad = ("a chunk of an unknown shape", event)
                             break
                         readable = True
-                        if obj.get("error"):
-                            self.upstream_reported(data)
-                        if obj.get("usage"):
-                            if hide_usage and not obj.get("choices"):
-                                continue
-                            event = self.with_cost(obj, event)
+                        if flags:
+                            if flags & ERROR:
+                                self.upstream_reported(obj, data)
+                            if flags & USAGE:
+                                if hide_usage and not obj.get("choices"):
+                                    continue
+                                event = self.with_cost(obj, event)
                     out.append(event)
                 if out:
                     if ctx.first_chunk_at is None:
@@ -185,21 +191,26 @@ class StreamRelay:
 
     def unreadable(self, what: str, sample: bytes) -> bytes:
         """Ends a stream that is not OpenAI's SSE (an HTML page, text, binary, non-JSON data)
-        the way OpenAI signals an error after the headers: one in-band error event. Recorded
-        as an upstream error; settlement then charges our own count of what was relayed."""
+        the way the protocol signals an error after the headers: one in-band error event.
+        Recorded as an upstream error; settlement then charges our own count of what was
+        relayed."""
         gw, ctx, dep = self.gw, self.ctx, self.dep
         err = unreadable_response(dep.label, f"{what}{content_type_note(self.up)}")
         ctx.error_type = err.code
         ctx.error_message = f"{err.message} Received: {received_sample(gw, sample)}"
         if ctx.attempt is not None:
             ctx.attempt.error_type = "invalid_response"
-        return b"data: " + orjson.dumps(err.body()) + b"\n\n"
+        return self.observer.error_event(err)
 
-    def upstream_reported(self, data: bytes) -> None:
-        """An error event from the upstream itself: relayed as it is, and recorded."""
+    def upstream_reported(self, obj: dict[str, Any], data: bytes) -> None:
+        """An error event from the upstream itself: relayed as it is, and recorded (its
+        message redacted: it may quote the prompt)."""
         if self.ctx.error_type is None:
             self.ctx.error_type = "upstream_error"
-            self.ctx.error_message = upstream_message(self.gw, data)
+            text = self.observer.error_text(obj)
+            self.ctx.error_message = (
+                self.gw.redactor.redact(text)[0] if text else upstream_message(self.gw, data)
+            )
 
 
 def content_type_note(up: UpstreamResponse) -> str:

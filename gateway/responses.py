@@ -8,9 +8,9 @@ import orjson
 from starlette.responses import Response
 
 from gateway.admission import Admission, settle
+from gateway.apis import Api
 from gateway.context import RequestContext
 from gateway.errors import GatewayError
-from gateway.metering import observe_body
 from gateway.providers.base import UpstreamResponse
 from gateway.routing import Deployment
 from gateway.state import Gateway
@@ -38,15 +38,16 @@ def finish(gw: Gateway, ctx: RequestContext, headers: dict[str, str]) -> None:
 
 
 def fail(
-    gw: Gateway, ctx: RequestContext, exc: GatewayError, detail: str | None = None
+    gw: Gateway, ctx: RequestContext, exc: GatewayError, api: Api, detail: str | None = None
 ) -> Response:
-    """The error response, recorded. `detail`: more for the log than the client sees."""
+    """The error response in the API's error shape, recorded. `detail`: more for the log
+    than the client sees."""
     ctx.status = exc.status
     ctx.error_type = exc.code or exc.type
     ctx.error_message = exc.message if detail is None else f"{exc.message} {detail}"
     headers = result_headers(ctx)
     finish(gw, ctx, headers)
-    return exc.to_response(headers)
+    return api.error_response(exc, headers)
 
 
 def client_closed(gw: Gateway, ctx: RequestContext) -> Response:
@@ -61,11 +62,10 @@ def client_closed(gw: Gateway, ctx: RequestContext) -> Response:
     return Response(status_code=499, headers=headers)
 
 
-def crash(gw: Gateway, ctx: RequestContext, exc: Exception) -> Response:
+def crash(gw: Gateway, ctx: RequestContext, exc: Exception, api: Api) -> Response:
     log.exception("request %s failed inside the gateway", ctx.request_id)
-    return fail(
-        gw, ctx, GatewayError(f"The gateway failed to handle the request ({type(exc).__name__}).")
-    )
+    error = GatewayError(f"The gateway failed to handle the request ({type(exc).__name__}).")
+    return fail(gw, ctx, error, api)
 
 
 def upstream_headers(up: UpstreamResponse, ctx: RequestContext, dep: Deployment) -> dict[str, str]:
@@ -104,19 +104,22 @@ def upstream_message(gw: Gateway, body: bytes) -> str:
 
 
 async def whole_response(
-    gw: Gateway, ctx: RequestContext, up: UpstreamResponse, dep: Deployment, admission: Admission
-) -> Response:
+    gw: Gateway, ctx: RequestContext, up: UpstreamResponse, dep: Deployment, admission: Admission,
+    api: Api,
+) -> Response:  # fmt: skip
     body = up.body or b""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError:
         data = None
     if not isinstance(data, dict):
-        return await unreadable(gw, ctx, up, dep, admission, "a body that is not a JSON object")
+        return await unreadable(
+            gw, ctx, up, dep, admission, api, "a body that is not a JSON object"
+        )
     try:
-        observe_body(ctx, data)
+        api.observe_body(ctx, data)
     except UNREADABLE:
-        return await unreadable(gw, ctx, up, dep, admission, "a JSON body of an unknown shape")
+        return await unreadable(gw, ctx, up, dep, admission, api, "a JSON body of an unknown shape")
     ctx.status = up.status
     await settle(gw, ctx, admission, dep.label)
     headers = upstream_headers(up, ctx, dep)
@@ -130,7 +133,7 @@ async def whole_response(
 
 async def unreadable(
     gw: Gateway, ctx: RequestContext, up: UpstreamResponse, dep: Deployment, admission: Admission,
-    what: str,
+    api: Api, what: str,
 ) -> Response:  # fmt: skip
     """A success status with a body the client's SDK could not parse either (an HTML page
     from a proxy, text): 502 upstream_error. The upstream may have done the work, so the
@@ -140,7 +143,7 @@ async def unreadable(
     if ctx.attempt is not None:
         ctx.attempt.error_type = "invalid_response"
     await settle(gw, ctx, admission, dep.label)
-    return fail(gw, ctx, err, f"Received: {received_sample(gw, up.body or b'')}")
+    return fail(gw, ctx, err, api, f"Received: {received_sample(gw, up.body or b'')}")
 
 
 def received_sample(gw: Gateway, sample: bytes) -> str:

@@ -63,3 +63,21 @@ def is_sse(raw: bytes) -> bool:
         if line and line[:1] != b":" and line.partition(b":")[0] not in SSE_FIELDS:
             return False
     return True
+
+
+def with_data(raw: bytes, data: bytes) -> bytes:
+    """The event `raw` with its data replaced by `data` (one line, JSON has no newline),
+    its other fields (`event:`, `id:`) kept in place."""
+    if raw.startswith(b"data: ") and raw.count(b"\n") == 2:  # the common single-line case
+        return b"data: " + data + b"\n\n"
+    lines, placed = [], False
+    for line in raw.split(b"\n"):
+        if line.startswith(b"data:"):
+            if not placed:
+                lines.append(b"data: " + data)
+                placed = True
+        elif line:
+            lines.append(line)
+    if not placed:
+        lines.append(b"data: " + data)
+    return b"\n".join(lines) + b"\n\n"

@@ -54,6 +54,7 @@ INLINE_LIMIT_CHARS = 16_384  # larger requests are counted in a worker thread
 _TOOL_CONSTANTS_O200K = (7, 3, 3, -3, 3, 12)
 _TOOL_CONSTANTS_CL100K = (10, 3, 3, -3, 3, 12)
 _EXACT_KEYS = frozenset({"role", "content", "name"})
+_ITEM_FIELDS = frozenset({"type", "id", "status"})  # of a Responses message item
 _TEXT_PARTS = frozenset({"text", "input_text", "output_text"})
 _IMAGE_PARTS = frozenset({"image_url", "input_image", "image"})
 _FILE_PARTS = frozenset({"file", "input_file", "document"})
@@ -133,10 +134,48 @@ class TokenCounter:
         """Embeddings `input`, in the same shapes as a completions prompt."""
         return self.count_prompt(model, input)
 
+    def count_responses(self, model: str, body: Mapping[str, Any]) -> TokenCount:
+        """Prompt tokens of a Responses API request, by the chat formula: `instructions` as
+        a system message, `input` (a string is one user message; else items: messages with
+        text, image, file and audio parts, function calls and their outputs), `tools`, the
+        `text.format` JSON schema. Exact where chat's count is (string messages); turns held
+        upstream (`previous_response_id`, `conversation`, item references) are not counted,
+        and the count is then estimated."""
+        count, estimated = self._tokenizer(model)
+        total, approx = REPLY_PRIMING, False
+        instructions = body.get("instructions")
+        if instructions:
+            n, a = _content(count, instructions, model)
+            total += TOKENS_PER_MESSAGE + count("system") + n
+            approx = a
+        items = body.get("input")
+        if isinstance(items, str):
+            total += TOKENS_PER_MESSAGE + count("user") + count(items)
+        elif isinstance(items, list):
+            for item in items:
+                n, a = _response_item(count, item, model)
+                total += n
+                approx = approx or a
+        elif items is not None:
+            total += _opaque(count, items, model)
+            approx = True
+        tools = body.get("tools")
+        if isinstance(tools, list) and tools:
+            total += _tools(count, tools, self.encoding_name(model) == CL100K)
+            approx = True
+        text = body.get("text")
+        fmt = text.get("format") if isinstance(text, Mapping) else None
+        if isinstance(fmt, Mapping) and fmt.get("type") == "json_schema":
+            total += count(_json(fmt.get("schema") or {}))
+            approx = True
+        if body.get("previous_response_id") or body.get("conversation"):
+            approx = True
+        return TokenCount(total, estimated or approx)
+
     async def count_request(
         self, operation: str, model: str, body: Mapping[str, Any]
     ) -> TokenCount:
-        """Count a request body for "chat", "text_completion" or "embeddings".
+        """Count a request body for "chat", "text_completion", "embeddings" or "responses".
 
         Encodings load in a thread, and bodies over INLINE_LIMIT_CHARS of text are
         counted in one, so the event loop never waits on either.
@@ -147,6 +186,8 @@ class TokenCounter:
             run = partial(self._count_completion, model, body)
         elif operation == "embeddings":
             run = partial(self.count_embeddings, model, body.get("input"))
+        elif operation == "responses":
+            run = partial(self.count_responses, model, body)
         else:
             raise ValueError(f"cannot count tokens for operation {operation!r}")
         if not self._ready(model) or _chars(body, INLINE_LIMIT_CHARS) > INLINE_LIMIT_CHARS:
@@ -286,6 +327,23 @@ def _message(count: Count, message: Any, model: str = "") -> tuple[int, bool]:
             total += count(_json(value))
             approx = True
     return total, approx
+
+
+def _response_item(count: Count, item: Any, model: str) -> tuple[int, bool]:
+    """One Responses API input item; (tokens, approximate)."""
+    if not isinstance(item, Mapping):
+        return _opaque(count, item, model), True
+    kind = item.get("type", "message")
+    if kind == "message":  # its type, id and status are not text the model reads
+        message = {k: v for k, v in item.items() if k not in _ITEM_FIELDS}
+        return _message(count, message, model)
+    if kind == "function_call":
+        return _tool_call(count, {"function": item}), True
+    if kind == "function_call_output":
+        output = item.get("output")
+        n = count(output) if isinstance(output, str) else _content(count, output, model)[0]
+        return TOKENS_PER_MESSAGE + n, True
+    return _opaque(count, item, model), True  # reasoning, hosted tool calls, references
 
 
 def _content(count: Count, content: Any, model: str = "", depth: int = 0) -> tuple[int, bool]:

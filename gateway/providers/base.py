@@ -8,12 +8,20 @@ from typing import Any, ClassVar, Protocol
 
 from gateway.config import ProviderConfig
 
-# gen_ai.operation.name → the OpenAI path suffix it is served at
+# API name (gateway/apis.py) → the OpenAI path suffix it is served at
 OPERATION_PATHS = {
     "chat": "/chat/completions",
     "text_completion": "/completions",
     "embeddings": "/embeddings",
+    "responses": "/responses",
 }
+# what every provider serves; the others only a provider whose `operations` lists them
+BASE_OPERATIONS = frozenset(("chat", "text_completion", "embeddings"))
+
+
+def operations(provider: object) -> frozenset[str]:
+    """The APIs a provider serves: its class's `operations`, else the base ones."""
+    return getattr(provider, "operations", BASE_OPERATIONS)
 
 
 async def _nothing() -> None:
@@ -33,6 +41,7 @@ class UpstreamResponse:
 
 class Provider(Protocol):
     kind: ClassVar[str]
+    # optional: `operations: ClassVar[frozenset[str]]`, the APIs served (default: BASE_OPERATIONS)
     name: str
     config: ProviderConfig
     server_address: str | None

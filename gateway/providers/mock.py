@@ -1,7 +1,8 @@
 """mock: a deterministic provider inside the gateway (no network), for demos and load tests.
 
 Echoes the last user message (or the configured ``text``), reports usage counted with
-tiktoken, streams word by word, and waits ``latency_ms`` before answering.
+tiktoken, streams word by word, and waits ``latency_ms`` before answering. Chat, legacy
+completions, embeddings and the Responses API, each in its own wire format.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any, ClassVar
 import orjson
 
 from gateway.config import ProviderConfig
-from gateway.providers.base import UpstreamResponse
+from gateway.providers.base import OPERATION_PATHS, UpstreamResponse
 from pricing.tokens import TokenCounter
 
 WORDS = re.compile(r"\S+\s*")
@@ -32,13 +33,27 @@ def last_user_text(body: dict[str, Any]) -> str:
     return ""
 
 
-def content_text(content: Any) -> str:
+def content_text(content: Any, kind: str = "text") -> str:
+    """A message's text: the string, or its text parts (of type `kind`) joined."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         return " ".join(
-            p.get("text", "") for p in content if isinstance(p, dict) and p.get("type") == "text"
+            p["text"]
+            for p in content
+            if isinstance(p, dict) and p.get("type") == kind and isinstance(p.get("text"), str)
         )
+    return ""
+
+
+def last_input_text(body: dict[str, Any]) -> str:
+    """The Responses API's `input`: a string, or items whose last user message is echoed."""
+    items = body.get("input")
+    if isinstance(items, str):
+        return items
+    for item in reversed(items if isinstance(items, list) else []):
+        if isinstance(item, dict) and item.get("role") == "user":
+            return content_text(item.get("content"), "input_text")
     return ""
 
 
@@ -50,6 +65,14 @@ def prompt_text(prompt: Any) -> str:
     return ""
 
 
+def echoed(operation: str, body: dict[str, Any]) -> str:
+    if operation == "chat":
+        return last_user_text(body)
+    if operation == "responses":
+        return last_input_text(body)
+    return prompt_text(body.get("prompt"))
+
+
 def vector(text: str, dims: int = 8) -> list[float]:
     digest = hashlib.sha256(text.encode()).digest()
     return [round(b / 255 - 0.5, 6) for b in digest[:dims]]
@@ -57,6 +80,7 @@ def vector(text: str, dims: int = 8) -> list[float]:
 
 class MockProvider:
     kind: ClassVar[str] = "mock"
+    operations: ClassVar[frozenset[str]] = frozenset(OPERATION_PATHS)
 
     def __init__(self, name: str, config: ProviderConfig, *, counter: TokenCounter) -> None:
         self.name = name
@@ -84,12 +108,10 @@ class MockProvider:
         prompt = await self.counter.count_request(operation, model, body)
         if operation == "embeddings":
             return self._json(self._embeddings(model, body, prompt.tokens))
-        reply = (
-            self.config.text
-            if self.config.text is not None
-            else (last_user_text(body) if operation == "chat" else prompt_text(body.get("prompt")))
-        )
+        reply = self.config.text if self.config.text is not None else echoed(operation, body)
         completion = self.counter.count_text(model, reply).tokens
+        if operation == "responses":
+            return self._response(model, body, reply, prompt.tokens, completion, stream)
         usage = {
             "prompt_tokens": prompt.tokens,
             "completion_tokens": completion,
@@ -184,3 +206,91 @@ class MockProvider:
         if usage is not None:
             yield event([], usage=usage)
         yield b"data: [DONE]\n\n"
+
+    # --- the Responses API ----------------------------------------------------------------
+
+    def _response(
+        self, model: str, body: dict[str, Any], reply: str, prompt: int, completion: int,
+        stream: bool,
+    ) -> UpstreamResponse:  # fmt: skip
+        number = next(self._ids)
+        usage = {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + completion,
+        }
+        response = response_object(f"resp_mock_{number}", model, body)
+        message = output_message(f"msg_mock_{number}", reply)
+        if not stream:
+            done = {**response, "status": "completed", "output": [message], "usage": usage}
+            return self._json(done)
+        events = self._response_events(response, message, reply, usage)
+        return UpstreamResponse(200, SSE_HEADERS, chunks=events)
+
+    async def _response_events(
+        self, response: dict[str, Any], message: dict[str, Any], reply: str,
+        usage: dict[str, Any],
+    ) -> AsyncIterator[bytes]:  # fmt: skip
+        """The events OpenAI sends for one text answer, in its order, numbered."""
+        delay = self.config.chunk_delay_ms / 1000
+        sequence = itertools.count()
+        item_id = message["id"]
+        part = {"type": "output_text", "text": "", "annotations": []}
+        where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+
+        def event(kind: str, **fields: Any) -> bytes:
+            obj = {"type": kind, "sequence_number": next(sequence), **fields}
+            return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+        yield event("response.created", response=response)
+        yield event("response.in_progress", response=response)
+        started = {**message, "status": "in_progress", "content": []}
+        yield event("response.output_item.added", output_index=0, item=started)
+        yield event("response.content_part.added", **where, part=part)
+        for word in WORDS.findall(reply):
+            if delay:
+                await asyncio.sleep(delay)
+            yield event("response.output_text.delta", **where, delta=word, logprobs=[])
+        yield event("response.output_text.done", **where, text=reply, logprobs=[])
+        yield event("response.content_part.done", **where, part={**part, "text": reply})
+        yield event("response.output_item.done", output_index=0, item=message)
+        done = {**response, "status": "completed", "output": [message], "usage": usage}
+        yield event("response.completed", response=done)
+
+
+def response_object(rid: str, model: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A Responses API `response` in progress, echoing the request's settings."""
+    return {
+        "id": rid,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "in_progress",
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": model,
+        "output": [],
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "previous_response_id": body.get("previous_response_id"),
+        "temperature": body.get("temperature", 1.0),
+        "text": body.get("text") or {"format": {"type": "text"}},
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": body.get("tools") or [],
+        "top_p": body.get("top_p", 1.0),
+        "truncation": body.get("truncation", "disabled"),
+        "usage": None,
+        "metadata": body.get("metadata") or {},
+    }
+
+
+def output_message(item_id: str, text: str) -> dict[str, Any]:
+    return {
+        "id": item_id,
+        "type": "message",
+        "status": "completed",
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }

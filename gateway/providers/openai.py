@@ -17,6 +17,7 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
 class OpenAIProvider:
     kind: ClassVar[str] = "openai"
+    operations: ClassVar[frozenset[str]] = frozenset(OPERATION_PATHS)  # Responses too
 
     def __init__(
         self, name: str, config: ProviderConfig, client: httpx.AsyncClient | None = None
