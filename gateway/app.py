@@ -5,29 +5,65 @@ Auth applies to every route except the explicit PUBLIC allow-list."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from gateway import runtime
-from gateway.apis import CHAT, EMBEDDINGS, RESPONSES, TEXT_COMPLETION, Api
-from gateway.config import Config
-from gateway.errors import GatewayError, ModelNotFound, PermissionDenied, error_response
+from gateway.apis import CHAT, EMBEDDINGS, MESSAGES, RESPONSES, TEXT_COMPLETION, Api
+from gateway.config import Config, ConfigError, config_path
+from gateway.count_tokens import count_tokens
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelNotFound,
+    PermissionDenied,
+    error_response,
+)
 from gateway.pipeline import handle
+from gateway.reload import CannotReload, Reloader, bad_key
 from gateway.spend import spend_report
 from gateway.state import Gateway, TelemetryHooks
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
 
+SNAPSHOT = "tallygate.gateway"  # the ASGI scope key of the request's Gateway snapshot
+
+
 def gateway_of(request: Request) -> Gateway:
-    return request.app.state.gateway  # type: ignore[no-any-return]
+    """The snapshot the request started on: a config reload meanwhile does not change it."""
+    return request.scope[SNAPSHOT]  # type: ignore[no-any-return]
+
+
+class OnSnapshot:
+    """A route's ASGI app, run on the Gateway snapshot current when its request arrives
+    (gateway/reload.py swaps app.state.gateway): the request reads that snapshot to its end,
+    a stream's last byte included, and is counted in its `in_flight` meanwhile, so a reload
+    closes a replaced provider only when no request uses it."""
+
+    __slots__ = ("app",)
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        gw = scope[SNAPSHOT] = scope["app"].state.gateway
+        gw.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            gw.in_flight -= 1
 
 
 def inference(api: Api) -> Endpoint:
@@ -79,10 +115,35 @@ async def retrieve_model(request: Request) -> Response:
     return JSONResponse(model_object(gw, alias))
 
 
+async def counting(request: Request) -> Response:
+    return await count_tokens(gateway_of(request), request)
+
+
 async def admin_spend(request: Request) -> Response:
     gw = gateway_of(request)
     team = request.query_params.get("team")
     return JSONResponse({"object": "list", "data": await spend_report(gw.config, gw.store, team)})
+
+
+async def admin_reload(request: Request) -> Response:
+    """Re-read the config file; every worker of this `tallygate serve` reloads too."""
+    reloader: Reloader = request.app.state.reloader
+    try:
+        done = await reloader.reload("POST /admin/reload")
+    except ConfigError as exc:
+        return InvalidRequest(
+            f"{exc}\nThe config was not reloaded: the old config keeps serving.",
+            param=bad_key(exc),
+            code="invalid_config",
+        ).to_response()
+    except CannotReload as exc:
+        error = InvalidRequest(exc.message, code=exc.code)
+        if exc.code == "shutting_down":
+            error.status, error.type = 503, "service_unavailable"
+        return error.to_response()
+    reloader.tell_other_workers()
+    body = {"reloaded": True, "generation": done.generation, "restart_needed": done.restart_needed}
+    return JSONResponse(body)
 
 
 async def healthz(request: Request) -> Response:
@@ -129,8 +190,16 @@ def routes() -> list[Route]:
                 f"{prefix}/models/{{model:path}}", authenticated(retrieve_model), methods=["GET"]
             ),
         ]
+    # Anthropic's Messages API; /v1/v1: the anthropic SDK appends /v1/messages to a base URL
+    # that already ends in /v1 (the one OpenAI clients are given)
+    for prefix in ("/v1", "", "/v1/v1"):
+        table += [
+            Route(f"{prefix}/messages", inference(MESSAGES), methods=["POST"]),
+            Route(f"{prefix}/messages/count_tokens", counting, methods=["POST"]),
+        ]
     table += [
         Route("/admin/spend", authenticated(admin_spend, admin=True), methods=["GET"]),
+        Route("/admin/reload", authenticated(admin_reload, admin=True), methods=["POST"]),
         # PUBLIC: probes and the Prometheus scrape.
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
@@ -165,10 +234,19 @@ async def freeze_when_warm(gw: Gateway) -> None:
 
 
 def create_app(
-    config: Config, hooks: TelemetryHooks | None = None, *, serving: bool = False
+    config: Config,
+    hooks: TelemetryHooks | None = None,
+    *,
+    serving: bool = False,
+    source: str | Path | None = None,
 ) -> Starlette:
     """The app. `serving`: this process exists to serve it (`tallygate serve`), so the
-    interpreter's garbage collector is tuned for it (gateway/runtime.py)."""
+    interpreter's garbage collector is tuned for it (gateway/runtime.py) and SIGHUP reloads
+    the config. `source`: the config file a reload re-reads; serving, it defaults to the
+    one `config` was loaded from ($TALLYGATE_CONFIG, else ./config.yaml)."""
+    if source is None and serving:
+        source = config_path()
+    path = Path(source).resolve() if source is not None else None
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -177,15 +255,38 @@ def create_app(
         gw = await Gateway.start(config, hooks)
         gw.started_at = time.time()
         app.state.gateway = gw
+        app.state.reloader = reloader = await Reloader.for_app(app.state, path)
         if serving:
             gw.tasks.spawn(freeze_when_warm(gw))
+            on_sighup(reloader)
         try:
             yield
         finally:
-            await gw.close()
+            if serving:
+                ignore_sighup()
+            await reloader.close()  # the current snapshot, then what replaced ones left open
 
-    return Starlette(
+    app = Starlette(
         routes=routes(),
         lifespan=lifespan,
         exception_handlers={HTTPException: not_found, Exception: server_error},
     )
+    for route in app.routes:
+        if isinstance(route, Route):
+            route.app = OnSnapshot(route.app)
+    return app
+
+
+def on_sighup(reloader: Reloader) -> None:
+    """SIGHUP reloads the config (the default action would end the process)."""
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, reloader.on_sighup)
+    except (NotImplementedError, RuntimeError, ValueError):  # no signals here (Windows, a thread)
+        pass
+
+
+def ignore_sighup() -> None:
+    """While shutting down: no reload, and not ended by SIGHUP's default action either."""
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)

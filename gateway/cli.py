@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import copy
 import json
 import logging
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from gateway import __version__
 from gateway.config import Config, ConfigError, config_path, load_config
 from pricing.table import Listing, PriceTable, Resolution, host_tag
 
 log = logging.getLogger("tallygate")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -43,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.WARNING,
         stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=LOG_FORMAT,
     )
     logging.getLogger("tallygate").setLevel(logging.INFO)
     try:
@@ -311,19 +315,57 @@ def run_server(config: Config, args: argparse.Namespace) -> int:
     # uvicorn drains on SIGTERM, restores this handler, then re-raises the signal: a drained
     # shutdown then exits 0 instead of dying by the signal.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    source = config_path(args.config).resolve()
     if workers == 1:
         from gateway.app import create_app
 
-        uvicorn.run(create_app(config, serving=True), **options)  # type: ignore[arg-type]
+        app = create_app(config, serving=True, source=source)
+        # SIGHUP reloads the config once the app has started; while it starts, ignored
+        # (its default would end the process)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        uvicorn.run(app, **options)  # type: ignore[arg-type]
         return 0
     # Several processes: each worker re-reads the config file named in the environment.
+    from gateway.reload import SUPERVISOR_ENV
+    from gateway.supervisor import ReloadingSupervisor
     from gateway.telemetry import prepare_multiprocess
 
-    os.environ["TALLYGATE_CONFIG"] = str(config_path(args.config).resolve())
+    os.environ["TALLYGATE_CONFIG"] = str(source)
     os.environ["TALLYGATE_WORKERS"] = str(workers)
+    os.environ[SUPERVISOR_ENV] = str(os.getpid())  # a worker's POST /admin/reload tells us
     os.environ.update(prepare_multiprocess(workers))
-    uvicorn.run("gateway.asgi:app_from_env", factory=True, workers=workers, **options)  # type: ignore[arg-type]
+    server = uvicorn.Config(
+        "gateway.asgi:app_from_env",
+        factory=True,
+        workers=workers,
+        log_config=worker_logging(),
+        **options,  # type: ignore[arg-type]
+    )
+    # uvicorn.run with workers, but SIGHUP reloads each worker's config instead of
+    # replacing the workers (gateway/supervisor.py).
+    with contextlib.suppress(KeyboardInterrupt):
+        ReloadingSupervisor(server, sockets=[server.bind_socket()]).run()
     return 0
+
+
+def worker_logging() -> dict[str, Any]:
+    """uvicorn's logging config, plus the gateway's logger as main() sets it up: each worker
+    process applies it (a spawned worker does not inherit main()'s logging setup)."""
+    from uvicorn.config import LOGGING_CONFIG
+
+    config = copy.deepcopy(LOGGING_CONFIG)
+    config["formatters"]["tallygate"] = {"format": LOG_FORMAT}
+    config["handlers"]["tallygate"] = {
+        "formatter": "tallygate",
+        "class": "logging.StreamHandler",
+        "stream": "ext://sys.stderr",
+    }
+    config["loggers"]["tallygate"] = {
+        "handlers": ["tallygate"],
+        "level": "INFO",
+        "propagate": False,
+    }
+    return config
 
 
 def event_loop() -> str:

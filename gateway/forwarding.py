@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from gateway.admission import OUTPUT_CAP_FIELDS
@@ -25,8 +26,10 @@ from gateway.upstream_errors import (
 perf_counter = time.perf_counter
 
 
-# the fields that carry a prompt, in any API's body (the Responses API: input, instructions)
-PROMPT_FIELDS = ("messages", "prompt", "input", "instructions")
+# the fields that carry a prompt, in any API's body (the Responses API: input, instructions;
+# the Messages API: system)
+PROMPT_FIELDS = ("messages", "prompt", "input", "instructions", "system")
+NO_HEADERS: Mapping[str, str] = {}
 
 
 def outgoing(gw: Gateway, ctx: RequestContext) -> dict[str, Any]:
@@ -74,9 +77,11 @@ def upstream_body(
 
 
 async def forward(
-    gw: Gateway, ctx: RequestContext, plan: list[Deployment], api: Api
-) -> tuple[UpstreamResponse, Deployment]:
+    gw: Gateway, ctx: RequestContext, plan: list[Deployment], api: Api,
+    client_headers: Mapping[str, str] = NO_HEADERS,
+) -> tuple[UpstreamResponse, Deployment]:  # fmt: skip
     """Try deployments in order; retry retryable failures with backoff, then fall back.
+    `client_headers`: the client's headers the API forwards (api.client_headers).
 
     Nothing is retried once a response has been accepted (a stream is returned at its
     headers, before its first byte reaches the client)."""
@@ -89,12 +94,12 @@ async def forward(
             gw.telemetry.count("fallback", ctx)
         body, ctx.hide_usage = upstream_body(ctx, base, dep, inject_usage=api.stream_usage)
         for retry in range(retries + 1):
-            up, exc = await attempt(gw, ctx, dep, body, api.name)
+            up, exc = await attempt(gw, ctx, dep, body, api, client_headers)
             if up is not None and up.status == 400 and rejects_stream_options(ctx, up):
                 # A server that does not know stream_options: ask again as the client did
                 # (its usage, if any, is then read or counted by us).
                 body, ctx.hide_usage = upstream_body(ctx, base, dep, inject_usage=False)
-                up, exc = await attempt(gw, ctx, dep, body, api.name)
+                up, exc = await attempt(gw, ctx, dep, body, api, client_headers)
             if up is not None:
                 if up.status not in RETRYABLE_STATUS:
                     if up.status < 400:
@@ -125,10 +130,12 @@ async def forward(
 
 
 async def attempt(
-    gw: Gateway, ctx: RequestContext, dep: Deployment, body: dict[str, Any], operation: str
-) -> tuple[UpstreamResponse | None, BaseException | None]:
+    gw: Gateway, ctx: RequestContext, dep: Deployment, body: dict[str, Any], api: Api,
+    client_headers: Mapping[str, str] = NO_HEADERS,
+) -> tuple[UpstreamResponse | None, BaseException | None]:  # fmt: skip
     """One upstream attempt, its span and its timing: (response, None) or (None, error).
-    `operation`: the API's name, which the provider maps to its path."""
+    The provider maps the API's name to its path; an API with an adapter (`api.send`)
+    sends through it instead (gateway/ingress.py)."""
     provider = gw.providers[dep.provider]
     current = Attempt(
         number=len(ctx.attempts) + 1,
@@ -143,15 +150,18 @@ async def attempt(
     gw.telemetry.start_attempt(ctx, current)
     t0 = perf_counter()
     try:
+        headers = {"x-request-id": ctx.request_id, **gw.telemetry.trace_headers(current)}
         with gw.telemetry.use_attempt(current):
-            up = await provider.send(
-                operation,
-                dep.model,
-                body,
-                stream=ctx.stream,
-                timeout_s=dep.timeout_s,
-                headers={"x-request-id": ctx.request_id, **gw.telemetry.trace_headers(current)},
-            )
+            if api.send is None:
+                up = await provider.send(
+                    api.name, dep.model, body, stream=ctx.stream, timeout_s=dep.timeout_s,
+                    headers=headers,
+                )  # fmt: skip
+            else:
+                up = await api.send(
+                    provider, dep.model, body, stream=ctx.stream, timeout_s=dep.timeout_s,
+                    headers=headers, client_headers=client_headers,
+                )  # fmt: skip
     except TRANSPORT_ERRORS as exc:
         ctx.upstream_wait_s += perf_counter() - t0
         current.error_type = error_type(exc)

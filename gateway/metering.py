@@ -1,9 +1,10 @@
 """Metering: read what the upstream answered (ids, finish reasons, text, usage) once, as dicts.
 
-One reader per API shape: a whole body (`observe_body`, `observe_response`) and a stream
-observer (`StreamObserver` for chat and legacy completions, `ResponsesStreamObserver` for
-the Responses API). An observer also knows its protocol's events: where a usage report
-sits, and the in-band error event that ends a broken stream."""
+One reader per API shape: a whole body (`observe_body`, `observe_response`,
+`observe_message`) and a stream observer (`StreamObserver` for chat and legacy completions,
+`ResponsesStreamObserver` for the Responses API, `MessagesStreamObserver` for Anthropic's
+Messages API). An observer also knows its protocol's events: where a usage report sits,
+and the in-band error event that ends a broken stream."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from gateway.context import RequestContext
-from pricing.usage import Usage, read_openai_usage
+from gateway.translate.anthropic_common import FINISH_REASONS, anthropic_error, anthropic_error_type
+from pricing.usage import Usage, read_anthropic_usage, read_openai_usage
 
 if TYPE_CHECKING:
     from gateway.errors import GatewayError
@@ -282,6 +284,126 @@ class ResponsesStreamObserver:
             "sequence_number": self.sequence,
         }
         return b"event: error\ndata: " + orjson.dumps(event) + b"\n\n"
+
+
+# --- Anthropic's Messages API --------------------------------------------------------------
+
+
+def observe_message(ctx: RequestContext, data: dict[str, Any]) -> None:
+    """A whole Anthropic Message: id, model, text and tool_use blocks, the stop reason (in
+    the chat vocabulary, as for the Responses API), usage. Anything else is unreadable."""
+    if data.get("type") != "message":
+        raise ValueError("not a Message")
+    ctx.response_id = data.get("id")
+    ctx.response_model = data.get("model")
+    for block in data.get("content") or ():
+        kind = block.get("type")
+        if kind == "text" and isinstance(block.get("text"), str):
+            ctx.output_text.append(block["text"])
+        elif kind == "tool_use":
+            ctx.output_tool_calls.append(tool_use(block, orjson.dumps(block.get("input") or {})))
+    message_stop(ctx, data.get("stop_reason"))
+    usage = data.get("usage")
+    if usage is not None:
+        read_message_usage(ctx, usage)
+
+
+def tool_use(block: dict[str, Any], arguments: bytes = b"") -> dict[str, Any]:
+    return {"id": block.get("id"), "name": block.get("name"), "arguments": arguments.decode()}
+
+
+def message_stop(ctx: RequestContext, stop_reason: Any) -> None:
+    if isinstance(stop_reason, str):
+        ctx.finish_reasons.append(FINISH_REASONS.get(stop_reason, "stop"))
+
+
+def read_message_usage(ctx: RequestContext, usage: Any) -> None:
+    """An Anthropic usage report. One that counts no input at all is not a report: every
+    request has input, and it is what the translation from an OpenAI-compatible server
+    says when that server reported no usage; the gateway then counts the request itself
+    rather than charge nothing."""
+    reading = read_anthropic_usage(usage, ctx.usage_bound)
+    if reading.usage.input_tokens == 0 and not reading.anomalies:
+        return
+    ctx.usage = reading.usage
+    ctx.usage_anomalies = reading.anomalies
+
+
+class MessagesStreamObserver:
+    """Messages API stream events folded into the context: message_start (id, model, the
+    input and cache usage), text and tool input deltas, message_delta (stop reason, the
+    cumulative usage), `error`. The usage is read once the message_delta comes: until then
+    the output count is a placeholder, and a stream cut before it is counted by us.
+
+    Nothing is flagged USAGE: the events go to the client as they came (no usage.cost)."""
+
+    __slots__ = ("_blocks", "_usage", "ctx")
+
+    def __init__(self, ctx: RequestContext) -> None:
+        self.ctx = ctx
+        self._blocks: dict[Any, dict[str, Any]] = {}  # content block index → its tool call
+        self._usage: dict[str, Any] = {}
+
+    def chunk(self, data: dict[str, Any]) -> int:
+        """Reads one event; returns its ERROR flag. An event without a type is unreadable."""
+        kind = data["type"]
+        if kind == "content_block_delta":
+            delta = data["delta"]
+            dtype = delta.get("type")
+            if dtype == "text_delta":
+                text = delta.get("text")
+                if isinstance(text, str) and text:
+                    self.ctx.output_text.append(text)
+            elif dtype == "input_json_delta":
+                slot = self._blocks.get(data.get("index"))
+                piece = delta.get("partial_json")
+                if slot is not None and isinstance(piece, str):
+                    slot["arguments"] += piece
+        elif kind == "content_block_start":
+            block = data["content_block"]
+            if block.get("type") == "tool_use":
+                slot = self._blocks[data.get("index")] = tool_use(block)
+                self.ctx.output_tool_calls.append(slot)
+            elif block.get("type") == "text" and block.get("text"):
+                self.ctx.output_text.append(block["text"])
+        elif kind == "message_start":
+            self._start(data["message"])
+        elif kind == "message_delta":
+            self._delta(data)
+        elif kind == "error":
+            return ERROR
+        return 0
+
+    def _start(self, message: dict[str, Any]) -> None:
+        ctx = self.ctx
+        ctx.response_id = message.get("id")
+        ctx.response_model = message.get("model")
+        usage = message.get("usage")
+        if isinstance(usage, dict):
+            self._usage = dict(usage)
+
+    def _delta(self, data: dict[str, Any]) -> None:
+        delta = data.get("delta") or {}
+        message_stop(self.ctx, delta.get("stop_reason"))
+        usage = data.get("usage")
+        if isinstance(usage, dict):  # cumulative: its counts replace message_start's
+            self._usage.update((k, v) for k, v in usage.items() if v is not None)
+        read_message_usage(self.ctx, self._usage)
+
+    @staticmethod
+    def usage_of(data: dict[str, Any]) -> Any:
+        return data.get("usage")
+
+    @staticmethod
+    def error_text(data: dict[str, Any]) -> str | None:
+        return error_message(data.get("error"))
+
+    @staticmethod
+    def error_event(err: GatewayError) -> bytes:
+        """Anthropic's own error event (`event: error`), which the SDKs raise: its type from
+        the status (api_error for the gateway's 502, timeout_error for 504)."""
+        body = anthropic_error(err.message, anthropic_error_type(err.status))
+        return b"event: error\ndata: " + orjson.dumps(body) + b"\n\n"
 
 
 def generated_text(ctx: RequestContext) -> str:

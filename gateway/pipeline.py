@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
@@ -27,7 +28,7 @@ from gateway.errors import (
     PermissionDenied,
     RequestTooLarge,
 )
-from gateway.forwarding import forward
+from gateway.forwarding import NO_HEADERS, forward
 from gateway.http_limits import check_json_depth
 from gateway.providers.base import BASE_OPERATIONS, UpstreamResponse, operations
 from gateway.relay import stream_response
@@ -61,7 +62,16 @@ async def handle(gw: Gateway, request: Request, api: Api) -> Response:
         return client_closed(gw, ctx)
     except Exception as exc:
         return crash(gw, ctx, exc, api)
-    return await proceed(gw, ctx, plan, admission, request.receive, api)
+    headers = client_headers(request, api)
+    return await proceed(gw, ctx, plan, admission, request.receive, api, headers)
+
+
+def client_headers(request: Request, api: Api) -> Mapping[str, str]:
+    """The client's headers its API forwards upstream (anthropic-version, anthropic-beta)."""
+    if not api.client_headers:
+        return NO_HEADERS
+    get = request.headers.get
+    return {name: value for name in api.client_headers if (value := get(name)) is not None}
 
 
 async def proceed(
@@ -71,9 +81,10 @@ async def proceed(
     admission: Admission,
     receive: Receive,
     api: Api,
+    headers: Mapping[str, str] = NO_HEADERS,
 ) -> Response:
     try:
-        up, dep = await forward_watched(gw, ctx, plan, receive, api)
+        up, dep = await forward_watched(gw, ctx, plan, receive, api, headers)
         if up.chunks is not None:
             return stream_response(gw, ctx, up, dep, admission, api)
         if up.status >= 400:
@@ -135,15 +146,16 @@ class DisconnectWatch:
 
 
 async def forward_watched(
-    gw: Gateway, ctx: RequestContext, plan: list[Deployment], receive: Receive, api: Api
-) -> tuple[UpstreamResponse, Deployment]:
+    gw: Gateway, ctx: RequestContext, plan: list[Deployment], receive: Receive, api: Api,
+    headers: Mapping[str, str] = NO_HEADERS,
+) -> tuple[UpstreamResponse, Deployment]:  # fmt: skip
     """forward(), cancelled if the client leaves meanwhile: then raises ClientLeft."""
     task = asyncio.current_task()
     assert task is not None
     watch = DisconnectWatch(task, receive)
     timer = asyncio.get_running_loop().call_later(WATCH_AFTER_S, watch.start)
     try:
-        result = await forward(gw, ctx, plan, api)
+        result = await forward(gw, ctx, plan, api, headers)
     except asyncio.CancelledError:
         # Ours only if the watcher cancelled and nobody else did too (e.g. a shutdown).
         if not watch.left or task.uncancel() > 0:

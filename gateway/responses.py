@@ -18,7 +18,8 @@ from gateway.upstream_errors import unreadable_response
 from pricing.cost import format_usd
 
 log = logging.getLogger("tallygate")
-PASSED_UPSTREAM_HEADERS = ("openai-processing-ms", "openai-version")
+# the provider's own ids and timings, which its support asks for (request-id: Anthropic's)
+PASSED_UPSTREAM_HEADERS = ("openai-processing-ms", "openai-version", "request-id")
 # what reading an upstream JSON object of the wrong shape raises (a string where a list is)
 UNREADABLE = (AttributeError, TypeError, ValueError, KeyError)
 SAMPLE_BYTES = 200  # of an unreadable response, quoted (redacted) in the log

@@ -868,6 +868,13 @@ class Telemetry:
             span.set_attributes(content)
         span.end(end_time=state.end_ns)
 
+    def reconfigure(self, *, redact: Redact, known_models: Collection[str]) -> None:
+        """A config reload: the new redaction rules for what is exported, and the model
+        names kept as they are (exporters and the other settings stay until a restart)."""
+        self._redact = redact
+        self._models = gen.ModelBuckets(known_models)
+        self._scrub = Scrubber(redact, known_models, lambda: self._failed("client_strings"))
+
     def count(self, event: str, ctx: RequestContext, **attrs: Any) -> None:
         """Counts a pipeline event: "retry", "fallback" (attrs deployment=, error_type=,
         defaulting to the current attempt's), "rejection" (kind="budget"|"rate_limit"),

@@ -2,7 +2,8 @@
 
 Unscripted, POST /v1/messages answers like Anthropic: the last user message's text echoed,
 usage counted in whitespace-separated words (input: every message and the system prompt),
-an SSE stream of named events when the body says `stream`. Script it with FakeUpstream's
+an SSE stream of named events when the body says `stream`; POST
+/v1/messages/count_tokens answers that input count. Script it with FakeUpstream's
 steps, built here in Anthropic's shapes: `message_reply`, `message_stream`,
 `error_reply` (Reply / Stream of `event: x` + `data: {...}` events, no [DONE]).
 """
@@ -143,9 +144,18 @@ def _words(value: Any) -> int:
     return 0
 
 
+def prompt_words(body: dict[str, Any]) -> int:
+    """The fake's input count: words in every message's text and in the system prompt."""
+    messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
+    return sum(_words(m.get("content")) for m in messages) + _words(body.get("system"))
+
+
 def messages_answer(request: RecordedRequest, number: int) -> Reply | Stream | None:
-    """Anthropic's answer to POST /v1/messages: the last user message's text echoed."""
+    """Anthropic's answer to POST /v1/messages: the last user message's text echoed; to
+    POST /v1/messages/count_tokens: the input words counted as the usage counts them."""
     body = request.json
+    if request.path == "/v1/messages/count_tokens" and isinstance(body, dict):
+        return Reply(json={"input_tokens": prompt_words(body)})
     if request.path != "/v1/messages" or not isinstance(body, dict):
         return None
     if "max_tokens" not in body:  # as Anthropic: the field is required
@@ -153,11 +163,13 @@ def messages_answer(request: RecordedRequest, number: int) -> Reply | Stream | N
     messages = [m for m in body.get("messages") or [] if isinstance(m, dict)]
     users = [m for m in messages if m.get("role") == "user"]
     last = users[-1].get("content") if users else ""
+    blocks = last if isinstance(last, list) else []
     text = last if isinstance(last, str) else " ".join(
-        b.get("text", "") for b in last if isinstance(b, dict) and b.get("type") == "text"
+        b["text"] for b in blocks
+        if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
     )  # fmt: skip
     text = text or "ok"
-    prompt = sum(_words(m.get("content")) for m in messages) + _words(body.get("system"))
+    prompt = prompt_words(body)
     output = len(text.split())
     id, model = f"msg_fake_{number}", body.get("model", MODEL)
     if body.get("stream"):

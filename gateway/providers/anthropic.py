@@ -86,6 +86,9 @@ class AnthropicProvider:
         self._caps: dict[str, int] = {}
         self._timeouts: dict[float, dict[str, float | None]] = {}
         self._urls: dict[str, httpx.URL] = {}
+        self._betas = next(
+            (v for k, v in config.headers.items() if k.lower() == "anthropic-beta"), None
+        )
 
     def auth_headers(self) -> dict[str, str]:
         key = self.config.api_key
@@ -137,9 +140,12 @@ class AnthropicProvider:
     ) -> UpstreamResponse:
         """`body` POSTed to `path` (/v1/messages, /v1/messages/count_tokens) as it is, with
         the provider's key; `headers` (anthropic-version, anthropic-beta, x-request-id,
-        traceparent) besides, except credentials. The response comes back untranslated."""
+        traceparent) besides, except credentials. A caller's anthropic-beta adds to the
+        configured one. The response comes back untranslated."""
         content = body if isinstance(body, bytes) else orjson.dumps(body)
-        extra = {k: v for k, v in headers.items() if k.lower() not in _AUTH_HEADERS}
+        extra = {k.lower(): v for k, v in headers.items() if k.lower() not in _AUTH_HEADERS}
+        if self._betas and "anthropic-beta" in extra:
+            extra["anthropic-beta"] = joined_betas(self._betas, extra["anthropic-beta"])
         response = await self._post(path, content, extra, timeout_s)
         if stream and response.status_code == 200:
             return UpstreamResponse(
@@ -175,6 +181,12 @@ class AnthropicProvider:
         )
         # Straight to the (instrumented) transport; see gateway.providers.http.make_client.
         return await self.client._transport.handle_async_request(request)
+
+
+def joined_betas(configured: str, requested: str) -> str:
+    """Both comma-separated anthropic-beta lists in one, each beta once, configured first."""
+    names = [b.strip() for b in f"{configured},{requested}".split(",") if b.strip()]
+    return ",".join(dict.fromkeys(names))
 
 
 def refused(message: str, param: str | None = None) -> UpstreamResponse:

@@ -356,6 +356,11 @@ class EventTranslator:
                 self._stop = stop_reason(choice["finish_reason"], bool(self._calls))
         return events
 
+    @property
+    def stopped(self) -> bool:
+        """A finish reason came: the answer is complete (whether or not [DONE] follows)."""
+        return self._stop is not None
+
     def finish(self) -> list[Event]:
         """The upstream stream ended well ([DONE]): close the message."""
         if self.done:
