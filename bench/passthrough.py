@@ -215,6 +215,13 @@ def main(argv: list[str] | None = None) -> None:
         "--upstream", default="http://127.0.0.1:9001", help="mock upstream base URL"
     )
     parser.add_argument("--transport", choices=TRANSPORTS, default="default")
+    parser.add_argument(
+        "--accept",
+        choices=("uvloop", "batch"),
+        default="uvloop",
+        help="uvloop's own accept (one connection per loop turn, the bare stack) or the "
+        "gateway's batch listener (gateway/listener.py)",
+    )
     args = parser.parse_args(argv)
     print(
         f"passthrough ({args.transport}) on http://{args.host}:{args.port} -> {args.upstream}",
@@ -224,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         make_app(args.upstream, args.transport),
         host=args.host,
         port=args.port,
-        loop="uvloop",
+        loop="uvloop" if args.accept == "uvloop" else "gateway.listener:new_event_loop",
         http="httptools",
         access_log=False,
         log_level="warning",

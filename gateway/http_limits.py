@@ -208,8 +208,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
 def http_limits(config: Config) -> tuple[HttpLimits, int]:
     """The limits for one worker, and the listen backlog. Queued connections cost no file
-    descriptor, but each loop turn accepts the whole queue before refusing the excess: a
-    worker may briefly hold max_connections + backlog sockets, so both must fit the fd limit.
+    descriptor, but a worker accepts them in batches (gateway/listener.py) before refusing
+    the excess: it may briefly hold max_connections + backlog sockets, so both must fit the
+    fd limit.
     A shorter backlog would not help: a full queue drops handshakes, and clients then wait
     seconds for a retransmit instead of getting an immediate 503."""
     server = config.server
