@@ -225,7 +225,7 @@ def interpolate(
 
 
 def unset_note(loc: tuple[int | str, ...], unset: dict[tuple[int | str, ...], list[str]]) -> str:
-    """" (${VAR} is not set)" when the value at `loc`, or under it, came from an unset variable."""
+    """ " (${VAR} is not set)" when the value at `loc`, or under it, came from an unset variable."""
     names = [v for path, vs in unset.items() if path[: len(loc)] == loc for v in vs]
     return "".join(f" (${{{name}}} is not set)" for name in dict.fromkeys(names))
 

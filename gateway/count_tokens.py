@@ -19,8 +19,7 @@ from gateway.context import RequestContext
 from gateway.errors import GatewayError
 from gateway.forwarding import attempt, outgoing
 from gateway.ingress import speaks_messages
-from gateway.pipeline import ClientLeft, client_headers, parse, resolve
-from gateway.request_ids import incoming_request_id
+from gateway.pipeline import ClientLeft, client_headers, parse, resolve, start
 from gateway.responses import (
     client_closed,
     crash,
@@ -40,15 +39,7 @@ ESTIMATED_HEADER = "x-tallygate-tokens-estimated"
 
 async def count_tokens(gw: Gateway, request: Request) -> Response:
     api = COUNT_TOKENS
-    request_id, id_headers = incoming_request_id(request.headers, gw.redactor, gw.new_request_id)
-    ctx = RequestContext(
-        request_id=request_id,
-        method=request.method,
-        path=request.url.path,
-        operation=api.operation,
-        response_headers=id_headers,
-    )
-    gw.telemetry.start_request(ctx, request.headers)
+    ctx = start(gw, request, api)
     try:
         ctx.principal = gw.keys.authenticate(request.headers)
         await parse(gw, ctx, request, api)

@@ -41,7 +41,8 @@ from gateway.state import Gateway
 REQUIRED_FIELD = {api.name: api.required for api in APIS.values()}
 
 
-async def handle(gw: Gateway, request: Request, api: Api) -> Response:
+def start(gw: Gateway, request: Request, api: Api) -> RequestContext:
+    """The request's context, its id checked (replaced when invalid), its SERVER span started."""
     request_id, id_headers = incoming_request_id(request.headers, gw.redactor, gw.new_request_id)
     ctx = RequestContext(
         request_id=request_id,
@@ -51,6 +52,11 @@ async def handle(gw: Gateway, request: Request, api: Api) -> Response:
         response_headers=id_headers,
     )
     gw.telemetry.start_request(ctx, request.headers)
+    return ctx
+
+
+async def handle(gw: Gateway, request: Request, api: Api) -> Response:
+    ctx = start(gw, request, api)
     try:
         ctx.principal = gw.keys.authenticate(request.headers)
         await parse(gw, ctx, request, api)

@@ -286,7 +286,9 @@ def test_any_file_is_a_config_or_a_config_error(tmp_path: Path, content: bytes) 
 
 
 @pytest.mark.parametrize("content", [NOT_UTF8, SELF_ALIAS], ids=["not-utf8", "self-alias"])
-def test_a_file_that_is_not_utf8_or_contains_itself_is_a_config_error(tmp_path: Path, content: bytes) -> None:
+def test_a_file_that_is_not_utf8_or_contains_itself_is_a_config_error(
+    tmp_path: Path, content: bytes
+) -> None:
     path = tmp_path / "config.yaml"
     path.write_bytes(content)
     with pytest.raises(ConfigError):
