@@ -18,6 +18,7 @@ import functools
 import logging
 import resource
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -116,6 +117,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         self.head_seen = 0  # bytes of the open head in reads after the one it began in
         self.head_timer: asyncio.TimerHandle | None = None
         self.refused = False
+        self.measure_head = True
+        # Set by the app while a request waits on its upstream (gateway.pipeline): called
+        # when the connection drops, so no task or timer per request watches for that.
+        self.on_disconnect: Callable[[], object] | None = None
 
     @classmethod
     def factory(cls, limits: HttpLimits) -> functools.partial[LimitedHttpToolsProtocol]:
@@ -133,7 +138,10 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.cancel_head_timer()
+        left, self.on_disconnect = self.on_disconnect, None
         super().connection_lost(exc)
+        if left is not None:
+            left()
 
     def data_received(self, data: bytes) -> None:
         # uvicorn's data_received, except that a head refused by a callback gets our answer
@@ -141,6 +149,9 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if self.refused:
             return
         was_open = self.head_open
+        # A head that begins and ends within one read no longer than the limit fits it:
+        # on_headers_complete then need not measure it.
+        self.measure_head = was_open or len(data) > self.limits.max_header_bytes
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -175,7 +186,7 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self.head_open = False
         self.cancel_head_timer()
-        if self.head_size() > self.limits.max_header_bytes:
+        if self.measure_head and self.head_size() > self.limits.max_header_bytes:
             self.refuse(self.limits.too_large)
             raise HeadRefused
         super().on_headers_complete()
@@ -204,6 +215,15 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
         if response:
             self.transport.write(response)
         self.transport.close()
+
+
+def serving_protocol(receive: object) -> LimitedHttpToolsProtocol | None:
+    """The connection of the request `receive` belongs to, when tallygate's protocol serves
+    it (uvicorn's receive is a method of the request's cycle, whose on_response is a method
+    of the connection's protocol); None under any other server."""
+    cycle = getattr(receive, "__self__", None)
+    protocol = getattr(getattr(cycle, "on_response", None), "__self__", None)
+    return protocol if isinstance(protocol, LimitedHttpToolsProtocol) else None
 
 
 def http_limits(config: Config) -> tuple[HttpLimits, int]:

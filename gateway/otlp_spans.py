@@ -104,7 +104,25 @@ def attributes(
     tag = varint(number << 3 | 2)
     out = []
     for k, v in attrs.items():
-        kv = key_value(k, v, keys)
+        if keys is None or type(v) is not str:
+            kv = key_value(k, v, keys)
+        else:  # key_value() inlined for the usual attribute: two calls fewer per attribute
+            head = keys.get(k)
+            if head is None:
+                head = field_str(1, k)
+                if len(keys) < 4096:
+                    keys[k] = head
+            raw = v.encode()
+            n = len(raw)
+            m = n + 1 + (1 if n < 0x80 else len(varint(n)))  # the AnyValue's length
+            kv = (
+                head
+                + b"\x12"
+                + (_SMALL[m] if m < 0x80 else varint(m))
+                + b"\x0a"
+                + (_SMALL[n] if n < 0x80 else varint(n))
+                + raw
+            )
         n = len(kv)
         out.append(tag + (_SMALL[n] if n < 0x80 else varint(n)) + kv)
     return b"".join(out)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 
 import orjson
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import Receive
 
@@ -29,7 +29,7 @@ from gateway.errors import (
     RequestTooLarge,
 )
 from gateway.forwarding import NO_HEADERS, forward
-from gateway.http_limits import check_json_depth
+from gateway.http_limits import check_json_depth, serving_protocol
 from gateway.providers.base import BASE_OPERATIONS, UpstreamResponse, operations
 from gateway.relay import stream_response
 from gateway.request_ids import incoming_request_id
@@ -46,8 +46,8 @@ def start(gw: Gateway, request: Request, api: Api) -> RequestContext:
     request_id, id_headers = incoming_request_id(request.headers, gw.redactor, gw.new_request_id)
     ctx = RequestContext(
         request_id=request_id,
-        method=request.method,
-        path=request.url.path,
+        method=request.scope["method"],
+        path=request.scope["path"],  # not request.url: that parses the whole URL
         operation=api.operation,
         response_headers=id_headers,
     )
@@ -151,11 +151,54 @@ class DisconnectWatch:
             self.watcher.cancel()
 
 
+class Departure:
+    """The callback tallygate's HTTP protocol calls when a request's connection drops."""
+
+    __slots__ = ("left", "task")
+
+    def __init__(self, task: asyncio.Task[object]) -> None:
+        self.task = task
+        self.left = False
+
+    def __call__(self) -> None:
+        self.left = True
+        self.task.cancel()
+
+
 async def forward_watched(
     gw: Gateway, ctx: RequestContext, plan: list[Deployment], receive: Receive, api: Api,
     headers: Mapping[str, str] = NO_HEADERS,
 ) -> tuple[UpstreamResponse, Deployment]:  # fmt: skip
-    """forward(), cancelled if the client leaves meanwhile: then raises ClientLeft."""
+    """forward(), cancelled if the client leaves meanwhile: then raises ClientLeft. Served
+    by tallygate's protocol, its connection_lost says so; under another server a watcher
+    task reads receive() (started only for a request not answered within WATCH_AFTER_S)."""
+    protocol = serving_protocol(receive)
+    if protocol is None:
+        return await forward_polled(gw, ctx, plan, receive, api, headers)
+    if receive.__self__.disconnected:  # type: ignore[attr-defined]  # left before we got here
+        raise ClientLeft
+    task = asyncio.current_task()
+    assert task is not None
+    departure = protocol.on_disconnect = Departure(task)
+    try:
+        result = await forward(gw, ctx, plan, api, headers)
+    except asyncio.CancelledError:
+        # Ours only if the connection dropped and nobody else cancelled too (e.g. a shutdown).
+        if not departure.left or task.uncancel() > 0:
+            raise
+        raise ClientLeft from None
+    finally:
+        protocol.on_disconnect = None
+    if departure.left:  # something inside forward swallowed our cancellation: undo its count
+        task.uncancel()
+    return result
+
+
+async def forward_polled(
+    gw: Gateway, ctx: RequestContext, plan: list[Deployment], receive: Receive, api: Api,
+    headers: Mapping[str, str] = NO_HEADERS,
+) -> tuple[UpstreamResponse, Deployment]:  # fmt: skip
+    """forward_watched() under a server other than tallygate's."""
     task = asyncio.current_task()
     assert task is not None
     watch = DisconnectWatch(task, receive)
@@ -203,23 +246,18 @@ async def parse(gw: Gateway, ctx: RequestContext, request: Request, api: Api | N
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise too_large(gw)
-    chunks = []
-    size = 0
+    raw = await read_body(request.receive, limit)
+    if raw is None:
+        raise too_large(gw)
     try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large(gw)
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise ClientLeft from None
-    try:
-        body = orjson.loads(b"".join(chunks))
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError:
         raise InvalidRequest(
             "We could not parse the JSON body of your request. The body must be a JSON object."
         ) from None
-    check_json_depth(body, gw.config.server.max_json_depth)  # before anything walks it
+    depth = gw.config.server.max_json_depth
+    if raw.count(b"[") + raw.count(b"{") > depth:  # else it cannot nest that deep: no walk
+        check_json_depth(body, depth)  # before anything walks it
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     model = body.get("model")
@@ -241,6 +279,24 @@ async def parse(gw: Gateway, ctx: RequestContext, request: Request, api: Api | N
     ctx.body = body
     ctx.requested_model = model
     ctx.stream = bool(stream) and api.streams
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """The request body from the ASGI messages (no async generator, as Request.stream()
+    has, on the hot path); None past `limit` bytes; ClientLeft if the client goes."""
+    chunks = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise ClientLeft
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def too_large(gw: Gateway) -> RequestTooLarge:

@@ -99,7 +99,11 @@ class _Instrument:
         self._children: dict[tuple[str, ...], Any] = {}
 
     def record(self, value: float, attributes: Mapping[str, Any]) -> None:
-        key = tuple(_label_value(attributes.get(k)) for k in self._keys)
+        # a list comprehension, not a generator (which resumes once per label), and no
+        # call for the usual string value
+        key = tuple(
+            [v if type(v) is str else _label_value(v) for v in map(attributes.get, self._keys)]
+        )
         child = self._children.get(key)
         if child is None:
             child = self._metric.labels(*key) if key else self._metric

@@ -28,7 +28,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable, Mapping
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, NamedTuple
 
 import tiktoken
@@ -68,6 +68,21 @@ class TokenCount(NamedTuple):
     estimated: bool
 
 
+# Memoised: tiktoken's lookup raises (and we catch) a KeyError for every other model, ~3 µs
+# each time. Bounded, since the model name comes from the client.
+@lru_cache(maxsize=1024)
+def _encoding_name(model: str) -> str | None:
+    name = _base_model(model)
+    if name.startswith(_O200K_PREFIXES):
+        return O200K
+    if name.startswith(_CL100K_PREFIXES):
+        return CL100K
+    try:
+        return tiktoken.encoding_name_for_model(name)
+    except KeyError:
+        return None
+
+
 class TokenCounter:
     """Counts prompt tokens. Build one per process (in the lifespan) and share it.
 
@@ -87,15 +102,7 @@ class TokenCounter:
 
     def encoding_name(self, model: str) -> str | None:
         """The tiktoken encoding of an OpenAI model, None for any other model."""
-        name = _base_model(model)
-        if name.startswith(_O200K_PREFIXES):
-            return O200K
-        if name.startswith(_CL100K_PREFIXES):
-            return CL100K
-        try:
-            return tiktoken.encoding_name_for_model(name)
-        except KeyError:
-            return None
+        return _encoding_name(model)
 
     def count_text(self, model: str, text: str) -> TokenCount:
         count, estimated = self._tokenizer(model)

@@ -67,6 +67,8 @@ class _Reader:
         """A token count from JSON. Missing or null is 0. Anything else that is not a
         non-negative integer within the bound is clamped and noted: negative or unreadable
         → 0, fractional → rounded up, above the bound (or infinite) → the bound."""
+        if type(value) is int and 0 <= value <= self.bound:  # the usual case, first
+            return value
         if value is None:
             return 0
         if isinstance(value, int) and not isinstance(value, bool):

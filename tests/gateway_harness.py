@@ -17,6 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from gateway.app import create_app
 from gateway.config import parse_config
+from gateway.http_limits import LimitedHttpToolsProtocol, http_limits
 from gateway.state import TelemetryHooks
 from tests.servers import ServerThread
 
@@ -120,13 +121,21 @@ def merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
 
 @contextmanager
 def running_gateway(
-    config: dict[str, Any], spans: InMemorySpanExporter | None = None
+    config: dict[str, Any],
+    spans: InMemorySpanExporter | None = None,
+    *,
+    uvicorn_protocol: bool = False,
 ) -> Iterator[RunningGateway]:
-    """`spans`: an InMemorySpanExporter (or subclass) of the test's own."""
+    """`spans`: an InMemorySpanExporter (or subclass) of the test's own. `uvicorn_protocol`:
+    serve with uvicorn's own HTTP protocol, as another ASGI server would (not the one
+    `tallygate serve` uses)."""
     spans = spans if spans is not None else InMemorySpanExporter()
     metrics = InMemoryMetricReader()
     log = io.StringIO()
-    app = create_app(parse_config(config, env={}), TelemetryHooks(spans, metrics, log))
-    with ServerThread(app) as server:
+    parsed = parse_config(config, env={})
+    app = create_app(parsed, TelemetryHooks(spans, metrics, log))
+    # the HTTP protocol `tallygate serve` uses, with the config's limits
+    protocol = LimitedHttpToolsProtocol.factory(http_limits(parsed)[0])
+    with ServerThread(app, http="httptools" if uvicorn_protocol else protocol) as server:
         server.app_state = app.state  # type: ignore[attr-defined]
         yield RunningGateway(server, spans, metrics, log)

@@ -14,6 +14,7 @@ import openai
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
+from gateway import pipeline
 from pricing.encodings import get_encoding
 from tests.fake_upstream import FakeUpstream, Hang, Reply, Stream, chat_chunk
 from tests.gateway_harness import KEYS, RunningGateway, merge, running_gateway
@@ -285,8 +286,13 @@ def test_an_unreadable_body_is_a_502_charged_by_our_count(
 
 @pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream-before-headers"])
 def test_a_client_that_leaves_cancels_the_upstream_request(
-    gateway: RunningGateway, fake_upstream: FakeUpstream, stream: bool
+    gateway: RunningGateway,
+    fake_upstream: FakeUpstream,
+    stream: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    # tallygate's protocol reports the drop itself: the polling fallback must not be needed
+    monkeypatch.setattr(pipeline, "forward_polled", None)
     fake_upstream.enqueue(Hang(30))
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(
@@ -306,6 +312,24 @@ def test_a_client_that_leaves_cancels_the_upstream_request(
     assert balance["reserved"] == 0 and balance["spent"] == Decimal(line["cost_usd"]) > 0
     _, client = spans(gateway)
     assert client.attributes["error.type"] == "cancelled"
+
+
+def test_a_client_that_leaves_is_seen_under_another_asgi_server(
+    gateway_config: dict, fake_upstream: FakeUpstream
+) -> None:
+    # uvicorn's own protocol has no connection_lost hook: a watcher task reads receive()
+    with running_gateway(gateway_config, uvicorn_protocol=True) as gw:
+        fake_upstream.enqueue(Hang(30))
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                gw.base_url + "/chat/completions",
+                headers=AUTH,
+                json={"model": "gpt-4o-mini", "messages": HELLO},
+                timeout=httpx.Timeout(10, read=0.5),
+            )
+        wait_until(lambda: fake_upstream.disconnects == 1, within=5, what="the disconnect")
+        line = last_line(gw)
+    assert line["status"] == 499 and line["cancelled"] is True
 
 
 def test_a_hidden_reasoning_model_is_charged_its_output_cap_when_the_client_leaves(

@@ -62,6 +62,8 @@ def synthetic_spans():
         attributes={
             "s": "text ünïcode ✓",
             "empty": "",
+            "long": "x" * 126,  # the AnyValue is 128 bytes: a two-byte length around it
+            "longer": "é" * 70_000,  # three-byte lengths
             "b": True,
             "f": False,
             "i": 0,
