@@ -3,8 +3,11 @@
 It answers POST /v1/chat/completions (any path ending in /chat/completions) with a fixed
 chat.completion, or, when the body asks for ``"stream": true``, a chunked SSE stream of
 ``--chunks`` chunks ``--chunk-delay-ms`` apart (timers on the loop, never a sleep), a usage
-chunk when the body mentions ``include_usage``, then ``data: [DONE]``. GET /v1/models lists
-one model; anything else is a 404. HTTP/1.1 keep-alive, no pipelining beyond queueing.
+chunk when the body mentions ``include_usage``, then ``data: [DONE]``. POST /v1/messages
+answers a fixed Anthropic Message (non-stream only; at once, like the chat answer, and of
+about its size; a streaming request gets a 400), so bench.messages can measure the
+gateway's native Anthropic pass-through beside chat. GET /v1/models lists one model;
+anything else is a 404. HTTP/1.1 keep-alive, no pipelining beyond queueing.
 
 The HTTP plumbing (``HttpProtocol`` + ``serve``) is reused by bench.run's OTLP receiver.
 
@@ -46,6 +49,20 @@ MODELS_BODY = (
     b'{"object":"list","data":[{"id":"' + MODEL.encode() + b'","object":"model",'
     b'"created":' + str(CREATED).encode() + b',"owned_by":"bench"}]}'
 )
+# Anthropic's Messages API: the chat completion's reply and usage in Anthropic's shape
+ANTHROPIC_MODEL = "claude-haiku-4-5"
+MESSAGE_ID = "msg_bench000000000000000000"
+MESSAGE_BODY = (
+    b'{"id":"' + MESSAGE_ID.encode() + b'","type":"message","role":"assistant","model":"'
+    + ANTHROPIC_MODEL.encode() + b'","content":[{"type":"text","text":'
+    b'"Hello! How can I help you today?"}],"stop_reason":"end_turn","stop_sequence":null,'
+    b'"usage":{"input_tokens":12,"cache_creation_input_tokens":0,'
+    b'"cache_read_input_tokens":0,"output_tokens":9}}'
+)  # fmt: skip
+MESSAGE_STREAM_BODY = (
+    b'{"type":"error","error":{"type":"invalid_request_error",'
+    b'"message":"the bench mock does not stream messages"}}'
+)
 NOT_FOUND_BODY = (
     b'{"error":{"message":"not found","type":"invalid_request_error","param":null,'
     b'"code":"not_found"}}'
@@ -66,6 +83,8 @@ def response_bytes(status: int, body: bytes, content_type: bytes = b"application
 COMPLETION_RESPONSE = response_bytes(200, COMPLETION_BODY)
 MODELS_RESPONSE = response_bytes(200, MODELS_BODY)
 NOT_FOUND_RESPONSE = response_bytes(404, NOT_FOUND_BODY)
+MESSAGE_RESPONSE = response_bytes(200, MESSAGE_BODY)
+MESSAGE_STREAM_RESPONSE = response_bytes(400, MESSAGE_STREAM_BODY)
 STREAM_HEAD = (
     b"HTTP/1.1 200 OK\r\n"
     b"content-type: text/event-stream\r\n"
@@ -239,8 +258,13 @@ class HttpProtocol(asyncio.Protocol):
         self.finish_response()
 
 
+def wants_stream(body: bytes) -> bool:
+    """A cheap look for ``"stream": true`` (the mock never parses a body)."""
+    return b'"stream":true' in body or b'"stream": true' in body
+
+
 class MockUpstream:
-    """The OpenAI routes: a handler for HttpProtocol."""
+    """The OpenAI routes and Anthropic's /v1/messages: a handler for HttpProtocol."""
 
     def __init__(self, chunks: int = 20, chunk_delay_ms: float = 5.0) -> None:
         self.chunks = max(1, chunks)
@@ -257,6 +281,8 @@ class MockUpstream:
                 self._stream(conn, self.events[b"include_usage" in body])
             else:
                 conn.respond(COMPLETION_RESPONSE)
+        elif path.endswith(b"/v1/messages") and method == b"POST":
+            conn.respond(MESSAGE_STREAM_RESPONSE if wants_stream(body) else MESSAGE_RESPONSE)
         elif path.endswith(b"/models") and method == b"GET":
             conn.respond(MODELS_RESPONSE)
         else:
