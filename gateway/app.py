@@ -1,6 +1,7 @@
 """The ASGI app: the whole route table in one place, and the lifespan that builds the Gateway.
 
-Auth applies to every route except the explicit PUBLIC allow-list."""
+Every route declares who may call it (route(): PUBLIC, KEY, ADMIN or TRACED); a
+GatewayError an endpoint raises is answered in OpenAI's shape by gateway_error."""
 
 from __future__ import annotations
 
@@ -116,15 +117,30 @@ class GatewayApp(Starlette):
         await super().__call__(scope, receive, send)
 
 
+# Who may call a route: every route in the table says which (see route()).
+PUBLIC = "public"  # probes and the Prometheus scrape
+KEY = "key"  # any team key: request.state.principal is the caller
+ADMIN = "admin"  # an admin team's key
+TRACED = "traced"  # a key, checked by the pipeline as its first stage, so that a refusal
+# is traced, counted and logged like any other failed request
+
+
+def route(path: str, endpoint: Endpoint, method: str, access: str) -> Route:
+    """A route of the table; its endpoint wrapped in the key check its `access` needs."""
+    if access in (KEY, ADMIN):
+        endpoint = authenticated(endpoint, admin=access == ADMIN)
+    elif access not in (PUBLIC, TRACED):
+        raise ValueError(f"unknown access {access!r} for {path}")
+    return Route(path, endpoint, methods=[method])
+
+
 def authenticated(endpoint: Endpoint, *, admin: bool = False) -> Endpoint:
+    """Raises AuthenticationFailed / PermissionDenied (answered by gateway_error)."""
+
     async def wrapped(request: Request) -> Response:
-        gw = gateway_of(request)
-        try:
-            principal = gw.keys.authenticate(request.headers)
-            if admin and not principal.admin:
-                raise PermissionDenied("This endpoint needs an admin key.", code="admin_required")
-        except GatewayError as exc:
-            return exc.to_response()
+        principal = gateway_of(request).keys.authenticate(request.headers)
+        if admin and not principal.admin:
+            raise PermissionDenied("This endpoint needs an admin key.", code="admin_required")
         request.state.principal = principal
         return await endpoint(request)
 
@@ -152,9 +168,9 @@ async def retrieve_model(request: Request) -> Response:
     gw = gateway_of(request)
     alias = request.path_params["model"]
     if not may_use(gw, request, alias):
-        return ModelNotFound(
+        raise ModelNotFound(
             f"The model `{alias}` does not exist or you do not have access to it.", param="model"
-        ).to_response()
+        )
     return JSONResponse(model_object(gw, alias))
 
 
@@ -174,16 +190,16 @@ async def admin_reload(request: Request) -> Response:
     try:
         done = await reloader.reload("POST /admin/reload")
     except ConfigError as exc:
-        return InvalidRequest(
+        raise InvalidRequest(
             f"{exc}\nThe config was not reloaded: the old config keeps serving.",
             param=bad_key(exc),
             code="invalid_config",
-        ).to_response()
+        ) from None
     except CannotReload as exc:
         error = InvalidRequest(exc.message, code=exc.code)
         if exc.code == "shutting_down":
             error.status, error.type = 503, "service_unavailable"
-        return error.to_response()
+        raise error from None
     reloader.tell_other_workers()
     body = {"reloaded": True, "generation": done.generation, "restart_needed": done.restart_needed}
     return JSONResponse(body)
@@ -220,30 +236,32 @@ async def metrics(request: Request) -> Response:
 
 
 def routes() -> list[Route]:
-    table = [
-        Route(path, inference(api), methods=["POST"]) for path, api in inference_paths().items()
-    ]
+    """The route table: path, endpoint, method, and who may call it."""
+    table = [route(path, inference(api), "POST", TRACED) for path, api in inference_paths().items()]
     for prefix in INFERENCE_PREFIXES:
         table += [
-            Route(f"{prefix}/models", authenticated(list_models), methods=["GET"]),
+            route(f"{prefix}/models", list_models, "GET", KEY),
             # :path, so an alias with a slash in it ("org/model") is one id
-            Route(
-                f"{prefix}/models/{{model:path}}", authenticated(retrieve_model), methods=["GET"]
-            ),
+            route(f"{prefix}/models/{{model:path}}", retrieve_model, "GET", KEY),
         ]
     # Anthropic's Messages API; /v1/v1: the anthropic SDK appends /v1/messages to a base URL
     # that already ends in /v1 (the one OpenAI clients are given)
     for prefix in MESSAGES_PREFIXES:
-        table.append(Route(f"{prefix}/messages/count_tokens", counting, methods=["POST"]))
+        table.append(route(f"{prefix}/messages/count_tokens", counting, "POST", TRACED))
     table += [
-        Route("/admin/spend", authenticated(admin_spend, admin=True), methods=["GET"]),
-        Route("/admin/reload", authenticated(admin_reload, admin=True), methods=["POST"]),
-        # PUBLIC: probes and the Prometheus scrape.
-        Route("/healthz", healthz, methods=["GET"]),
-        Route("/readyz", readyz, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
+        route("/admin/spend", admin_spend, "GET", ADMIN),
+        route("/admin/reload", admin_reload, "POST", ADMIN),
+        route("/healthz", healthz, "GET", PUBLIC),
+        route("/readyz", readyz, "GET", PUBLIC),
+        route("/metrics", metrics, "GET", PUBLIC),
     ]
     return table
+
+
+async def gateway_error(request: Request, exc: Exception) -> Response:
+    """A GatewayError raised by an endpoint outside the pipeline, in OpenAI's shape."""
+    assert isinstance(exc, GatewayError)
+    return exc.to_response()
 
 
 async def not_found(request: Request, exc: Exception) -> Response:
@@ -307,7 +325,11 @@ def create_app(
     app = GatewayApp(
         routes=routes(),
         lifespan=lifespan,
-        exception_handlers={HTTPException: not_found, Exception: server_error},
+        exception_handlers={
+            GatewayError: gateway_error,
+            HTTPException: not_found,
+            Exception: server_error,
+        },
     )
     for route in app.routes:
         if isinstance(route, Route):

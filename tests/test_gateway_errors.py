@@ -210,3 +210,48 @@ def test_405_wrong_method(gateway: RunningGateway) -> None:
         gateway.url + "/v1/chat/completions", headers={"authorization": f"Bearer {KEYS['alpha']}"}
     )
     assert r.status_code == 405 and error_of(r)["code"] == "method_not_allowed"
+
+
+# --- who may call a route: declared in the route table ---------------------------------
+
+PUBLIC_PATHS = {"/healthz", "/readyz", "/metrics"}
+
+
+def table_requests() -> list[tuple[str, str]]:
+    from gateway.app import routes
+
+    out = []
+    for r in routes():
+        (method,) = r.methods - {"HEAD"}
+        out.append((method, r.path.replace("{model:path}", "gpt-4o-mini")))
+    return out
+
+
+def test_every_route_but_the_public_ones_refuses_a_caller_without_a_key(
+    gateway: RunningGateway,
+) -> None:
+    requests = table_requests()
+    assert len(requests) >= 20 and PUBLIC_PATHS <= {path for _, path in requests}
+    for method, path in requests:
+        r = httpx.request(method, gateway.url + path, json={}, timeout=30)
+        if path in PUBLIC_PATHS:
+            assert r.status_code in (200, 503), (method, path)
+        else:
+            assert r.status_code == 401, (method, path, r.text)
+            err = error_of(r) if "/messages" not in path else r.json()["error"]
+            assert err["type"] == "authentication_error" or err["code"] == "invalid_api_key"
+
+
+def test_admin_routes_refuse_a_team_key_in_openai_shape(gateway: RunningGateway) -> None:
+    for method, path in [("GET", "/admin/spend"), ("POST", "/admin/reload")]:
+        r = httpx.request(
+            method, gateway.url + path, headers={"authorization": f"Bearer {KEYS['alpha']}"}
+        )
+        assert r.status_code == 403 and error_of(r)["code"] == "admin_required"
+
+
+def test_a_route_must_declare_its_access() -> None:
+    from gateway.app import healthz, route
+
+    with pytest.raises(ValueError, match="unknown access"):
+        route("/x", healthz, "GET", "everyone")
