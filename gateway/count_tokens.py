@@ -33,6 +33,7 @@ from gateway.routing import Deployment
 from gateway.state import Gateway
 from gateway.translate.anthropic_common import TranslationError
 from gateway.translate.anthropic_ingress import chat_request
+from gateway.upstream_errors import UPSTREAM_FAILURES
 
 ESTIMATED_HEADER = "x-tallygate-tokens-estimated"
 
@@ -64,8 +65,11 @@ async def forwarded(
         return None
     body = dict(outgoing(gw, ctx))
     body["model"] = dep.model
-    up, _ = await attempt(gw, ctx, dep, body, COUNT_TOKENS, headers)
-    if up is None or up.status >= 500 or up.status == 429:
+    try:
+        up = await attempt(gw, ctx, dep, body, COUNT_TOKENS, headers)
+    except UPSTREAM_FAILURES:
+        return None
+    if up.status >= 500 or up.status == 429:
         return None
     ctx.status = up.status
     if up.status >= 400:

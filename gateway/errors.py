@@ -121,9 +121,11 @@ class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
     code = "upstream_error"
+    kind = "upstream_error"  # a transport failure's error.type (gateway.upstream_errors)
 
 
 class UpstreamTimeout(GatewayError):
     status = 504
     type = "upstream_timeout"
     code = "upstream_timeout"
+    kind = "timeout"

@@ -16,12 +16,7 @@ from gateway.errors import (
 from gateway.providers.base import UpstreamResponse
 from gateway.routing import RETRYABLE_STATUS, Deployment, parse_retry_after
 from gateway.state import Gateway
-from gateway.upstream_errors import (
-    TRANSPORT_ERRORS,
-    error_type,
-    map_transport_error,
-    upstream_status_error,
-)
+from gateway.upstream_errors import UPSTREAM_FAILURES, mapped, upstream_status_error
 
 perf_counter = time.perf_counter
 
@@ -94,13 +89,17 @@ async def forward(
             gw.telemetry.count("fallback", ctx)
         body, ctx.hide_usage = upstream_body(ctx, base, dep, inject_usage=api.stream_usage)
         for retry in range(retries + 1):
-            up, exc = await attempt(gw, ctx, dep, body, api, client_headers)
-            if up is not None and up.status == 400 and rejects_stream_options(ctx, up):
-                # A server that does not know stream_options: ask again as the client did
-                # (its usage, if any, is then read or counted by us).
-                body, ctx.hide_usage = upstream_body(ctx, base, dep, inject_usage=False)
-                up, exc = await attempt(gw, ctx, dep, body, api, client_headers)
-            if up is not None:
+            try:
+                up = await attempt(gw, ctx, dep, body, api, client_headers)
+                if up.status == 400 and rejects_stream_options(ctx, up):
+                    # A server that does not know stream_options: ask again as the client
+                    # did (its usage, if any, is then read or counted by us).
+                    end_attempt(gw, ctx, "400")
+                    body, ctx.hide_usage = upstream_body(ctx, base, dep, inject_usage=False)
+                    up = await attempt(gw, ctx, dep, body, api, client_headers)
+            except UPSTREAM_FAILURES as err:
+                last_error, last_response, retry_after = err, None, None
+            else:
                 if up.status not in RETRYABLE_STATUS:
                     if up.status < 400:
                         gw.router.record_success(dep)
@@ -108,13 +107,6 @@ async def forward(
                 last_response = (up, dep)
                 last_error = upstream_status_error(up.status, dep.label, len(ctx.attempts))
                 retry_after = parse_retry_after(up.headers.get("retry-after"))
-            else:
-                assert exc is not None
-                last_error, last_response, retry_after = (
-                    map_transport_error(exc, dep.label),
-                    None,
-                    None,
-                )
             gw.router.record_failure(dep)
             if retry == retries:
                 break
@@ -132,10 +124,12 @@ async def forward(
 async def attempt(
     gw: Gateway, ctx: RequestContext, dep: Deployment, body: dict[str, Any], api: Api,
     client_headers: Mapping[str, str] = NO_HEADERS,
-) -> tuple[UpstreamResponse | None, BaseException | None]:  # fmt: skip
-    """One upstream attempt, its span and its timing: (response, None) or (None, error).
-    The provider maps the API's name to its path; an API with an adapter (`api.send`)
-    sends through it instead (gateway/ingress.py)."""
+) -> UpstreamResponse:  # fmt: skip
+    """One upstream attempt, its span and its timing: the response (a retryable status
+    ends the attempt as failed), or UpstreamError / UpstreamTimeout when the upstream could
+    not be reached or read (gateway.upstream_errors.mapped). The provider maps the API's
+    name to its path; an API with an adapter (`api.send`) sends through it instead
+    (gateway/ingress.py)."""
     provider = gw.providers[dep.provider]
     current = Attempt(
         number=len(ctx.attempts) + 1,
@@ -153,28 +147,33 @@ async def attempt(
         headers = {"x-request-id": ctx.request_id, **gw.telemetry.trace_headers(current)}
         with gw.telemetry.use_attempt(current):
             if api.send is None:
-                up = await provider.send(
+                send = provider.send(
                     api.name, dep.model, body, stream=ctx.stream, timeout_s=dep.timeout_s,
                     headers=headers,
                 )  # fmt: skip
             else:
-                up = await api.send(
+                send = api.send(
                     provider, dep.model, body, stream=ctx.stream, timeout_s=dep.timeout_s,
                     headers=headers, client_headers=client_headers,
                 )  # fmt: skip
-    except TRANSPORT_ERRORS as exc:
+            up = await mapped(send, dep.label)
+    except UPSTREAM_FAILURES as err:
         ctx.upstream_wait_s += perf_counter() - t0
-        current.error_type = error_type(exc)
-        current.ended = perf_counter()
-        gw.telemetry.end_attempt(ctx, current)
-        return None, exc
+        end_attempt(gw, ctx, err.kind)
+        raise
     ctx.upstream_wait_s += perf_counter() - t0
     current.status = up.status
-    if up.status in RETRYABLE_STATUS or (up.status == 400 and rejects_stream_options(ctx, up)):
-        current.error_type = str(up.status)
-        current.ended = perf_counter()
-        gw.telemetry.end_attempt(ctx, current)
-    return up, None
+    if up.status in RETRYABLE_STATUS:
+        end_attempt(gw, ctx, str(up.status))
+    return up
+
+
+def end_attempt(gw: Gateway, ctx: RequestContext, error_type: str) -> None:
+    """The current attempt failed with `error_type`: its span ends now."""
+    current = ctx.attempts[-1]
+    current.error_type = error_type
+    current.ended = perf_counter()
+    gw.telemetry.end_attempt(ctx, current)
 
 
 def rejects_stream_options(ctx: RequestContext, up: UpstreamResponse) -> bool:

@@ -26,12 +26,7 @@ from gateway.responses import (
 from gateway.routing import Deployment
 from gateway.sse import SSEDecoder, is_sse, with_data
 from gateway.state import Gateway
-from gateway.upstream_errors import (
-    TRANSPORT_ERRORS,
-    error_type,
-    map_transport_error,
-    unreadable_response,
-)
+from gateway.upstream_errors import UPSTREAM_FAILURES, unreadable_response
 from pricing.cost import format_usd
 
 perf_counter = time.perf_counter
@@ -105,7 +100,7 @@ class StreamRelay:
         return with_data(event, orjson.dumps(chunk))
 
     async def events(self) -> AsyncIterator[bytes]:
-        gw, ctx, dep = self.gw, self.ctx, self.dep
+        gw, ctx = self.gw, self.ctx
         assert self.up.chunks is not None
         decoder = SSEDecoder()
         observer = self.observer
@@ -123,11 +118,10 @@ class StreamRelay:
                     if ended or not decoder.tail().strip():
                         break
                     raw, ended = b"\n\n", True  # the last event came without its blank line
-                except TRANSPORT_ERRORS as exc:
+                except UPSTREAM_FAILURES as err:  # the stream's transport failed (mapped)
                     ctx.upstream_wait_s += perf_counter() - t0
                     if ctx.attempt is not None:
-                        ctx.attempt.error_type = error_type(exc)
-                    err = map_transport_error(exc, dep.label)
+                        ctx.attempt.error_type = err.kind
                     ctx.error_type = "stream_interrupted"
                     ctx.error_message = err.message
                     # Headers are gone: signal the failure in-band, as the protocol does.

@@ -1,12 +1,18 @@
-"""The one place transport failures talking to a provider become gateway errors."""
+"""The one place transport failures talking to a provider become gateway errors.
+
+`mapped()` wraps a provider's send and its stream, as httpx's map_httpcore_exceptions
+does: past it, a failure is an UpstreamError or UpstreamTimeout whose `kind` is the
+attempt's low-cardinality error.type, never an OSError or an httpx/aiohttp exception."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Awaitable
 
 import httpx
 
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
+from gateway.providers.base import UpstreamResponse
 
 TRANSPORT_ERRORS = (httpx.HTTPError, asyncio.TimeoutError, OSError)
 
@@ -41,15 +47,54 @@ def error_type(exc: BaseException) -> str:
     return "transport_error"
 
 
-def map_transport_error(exc: BaseException, deployment: str) -> GatewayError:
+UpstreamFailure = UpstreamError | UpstreamTimeout
+UPSTREAM_FAILURES = (UpstreamError, UpstreamTimeout)  # what mapped() raises
+
+
+def map_transport_error(exc: BaseException, deployment: str) -> UpstreamFailure:
     kind = error_type(exc)
+    err: UpstreamFailure
     if kind == "timeout":
-        return UpstreamTimeout(f"The upstream deployment '{deployment}' timed out.")
-    what = {
-        "connection_error": "could not be reached",
-        "protocol_error": "closed the connection",
-    }.get(kind, "failed")
-    return UpstreamError(f"The upstream deployment '{deployment}' {what}.")
+        err = UpstreamTimeout(f"The upstream deployment '{deployment}' timed out.")
+    else:
+        what = {
+            "connection_error": "could not be reached",
+            "protocol_error": "closed the connection",
+        }.get(kind, "failed")
+        err = UpstreamError(f"The upstream deployment '{deployment}' {what}.")
+    err.kind = kind
+    return err
+
+
+async def mapped(send: Awaitable[UpstreamResponse], deployment: str) -> UpstreamResponse:
+    """The provider's response, its transport failures (and its stream's) mapped."""
+    try:
+        up = await send
+    except TRANSPORT_ERRORS as exc:
+        raise map_transport_error(exc, deployment) from exc
+    if up.chunks is not None:
+        up.chunks = MappedChunks(up.chunks, deployment)
+    return up
+
+
+class MappedChunks:
+    """A stream's raw chunks, a transport failure raised as the gateway's error (a class,
+    not an async generator: one call per chunk)."""
+
+    __slots__ = ("_chunks", "_deployment")
+
+    def __init__(self, chunks: AsyncIterator[bytes], deployment: str) -> None:
+        self._chunks = chunks.__aiter__()
+        self._deployment = deployment
+
+    def __aiter__(self) -> MappedChunks:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except TRANSPORT_ERRORS as exc:
+            raise map_transport_error(exc, self._deployment) from exc
 
 
 def upstream_status_error(status: int, deployment: str, attempts: int) -> GatewayError:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 import orjson
@@ -46,6 +46,9 @@ _BODY_HEADERS = frozenset(
 # never taken from a caller of send_native: the provider's key is the only one that leaves
 _AUTH_HEADERS = frozenset(("x-api-key", "authorization"))
 
+if TYPE_CHECKING:
+    from pricing.tokens import TokenCounter
+
 
 def table_max_output() -> Callable[[str], int]:
     """The model's max output from the built-in price table, else FALLBACK_MAX_TOKENS."""
@@ -64,6 +67,7 @@ class AnthropicProvider:
         client: httpx.AsyncClient | None = None,
         *,
         max_output: Callable[[str], int] | None = None,
+        counter: TokenCounter | None = None,  # the registry's: unused here
     ) -> None:
         self.name = name
         self.config = config

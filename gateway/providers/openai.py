@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import httpx
 import orjson
@@ -14,13 +14,21 @@ from gateway.providers.http import make_client, timeouts
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
+if TYPE_CHECKING:
+    from pricing.tokens import TokenCounter
+
 
 class OpenAIProvider:
     kind: ClassVar[str] = "openai"
     operations: ClassVar[frozenset[str]] = frozenset(OPERATION_PATHS)  # Responses too
 
     def __init__(
-        self, name: str, config: ProviderConfig, client: httpx.AsyncClient | None = None
+        self,
+        name: str,
+        config: ProviderConfig,
+        client: httpx.AsyncClient | None = None,
+        *,
+        counter: TokenCounter | None = None,  # the registry's: unused here
     ) -> None:
         self.name = name
         self.config = config

@@ -20,7 +20,6 @@ def provider_class(kind: str) -> Any:
 
 
 def build_provider(name: str, config: ProviderConfig, *, counter: TokenCounter) -> Provider:
-    cls = provider_class(config.kind)
-    if config.kind == "mock":
-        return cls(name, config, counter=counter)  # type: ignore[no-any-return]
-    return cls(name, config)  # type: ignore[no-any-return]
+    """Every provider class takes (name, config, *, counter): the gateway's token counter,
+    which the mock answers with and HTTP providers ignore."""
+    return provider_class(config.kind)(name, config, counter=counter)  # type: ignore[no-any-return]
