@@ -110,4 +110,6 @@ def parse_retry_after(value: str | None) -> float | None:
         seconds = float(value)
     except ValueError:
         return None  # HTTP-date form: rare from LLM providers; fall back to our own backoff
+    if seconds != seconds:  # "nan" is junk too, not "retry at once"
+        return None
     return max(0.0, seconds)

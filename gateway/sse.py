@@ -8,6 +8,9 @@ from collections.abc import Iterator
 SSE_FIELDS = frozenset((b"data", b"event", b"id", b"retry"))
 
 
+BOM = b"\xef\xbb\xbf"
+
+
 class SSEDecoder:
     """Feed raw bytes, get (raw_event_bytes, data) per complete event.
 
@@ -17,13 +20,21 @@ class SSEDecoder:
     into chunks, the same events come out.
     """
 
-    __slots__ = ("_buf",)
+    __slots__ = ("_buf", "_fresh")
 
     def __init__(self) -> None:
         self._buf = b""
+        self._fresh = True  # no byte seen yet: a leading BOM is ignored, as the spec says
 
     def feed(self, chunk: bytes) -> Iterator[tuple[bytes, bytes | None]]:
         buf = self._buf + chunk if self._buf else chunk
+        if self._fresh:
+            if len(buf) < len(BOM) and BOM.startswith(buf):
+                self._buf = buf  # perhaps a BOM split across chunks: wait for more
+                return
+            self._fresh = False
+            if buf.startswith(BOM):
+                buf = buf[len(BOM) :]
         if b"\r" in buf:
             buf = lf_line_ends(buf)
         start = 0

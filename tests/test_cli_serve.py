@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import signal
+import socket
 import threading
 from decimal import Decimal
 from pathlib import Path
@@ -12,8 +13,9 @@ from pathlib import Path
 import httpx
 import openai
 
+from tests.fake_upstream import FakeUpstream, Stream, chat_answer
 from tests.gateway_harness import serve_command
-from tests.servers import free_port, run_process_server
+from tests.servers import LOOPBACK, free_port, run_process_server, wait_until
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -53,11 +55,28 @@ def test_example_config_serves_the_demo_model(tmp_path: Path) -> None:
     assert (tmp_path / "tallygate.db").exists()
 
 
-def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
+def refuses_connections(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=1):
+            return False
+    except OSError:
+        return True
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path: Path, fake_upstream: FakeUpstream) -> None:
+    # The upstream sends half its answer, then waits for the test: the request is in
+    # flight until we let it finish, after the gateway has begun its drain.
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "finish me"}]}
+    answer = json.dumps(chat_answer(body).json)
+    half = len(answer) // 2
+    json_headers = {"content-type": "application/json"}
+    fake_upstream.enqueue(
+        Stream([answer[:half], answer[half:]], gate=True, done=False, headers=json_headers)
+    )
     config = tmp_path / "slow.yaml"
     config.write_text(
-        "providers: {slow: {kind: mock, latency_ms: 1500}}\n"
-        "models: {slow: [{provider: slow, model: gpt-4o-mini}]}\n"
+        f"providers: {{up: {{kind: openai, base_url: '{fake_upstream.base_url}', api_key: k}}}}\n"
+        "models: {gpt-4o-mini: [{provider: up, model: gpt-4o-mini}]}\n"
         "teams: {t: {keys: [{name: k, key: sk-t}]}}\n"
         "telemetry: {exporter: none}\n"
     )
@@ -69,17 +88,18 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
             r = httpx.post(
                 f"{server.url}/v1/chat/completions",
                 headers={"authorization": "Bearer sk-t"},
-                json={"model": "slow", "messages": [{"role": "user", "content": "finish me"}]},
+                json=body,
                 timeout=20,
             )
             result["status"], result["body"] = r.status_code, r.json()
 
         t = threading.Thread(target=call)
         t.start()
-        import time
-
-        time.sleep(0.5)  # the request is in flight inside the mock's latency
+        wait_until(lambda: fake_upstream.sent_chunks == 1, what="the request is in flight")
         server.proc.send_signal(signal.SIGTERM)
+        wait_until(lambda: refuses_connections(port), within=10, what="the drain to begin")
+        assert result == {}  # still in flight when the listener closed
+        fake_upstream.release()
         t.join(20)
         server.proc.wait(20)
     assert result["status"] == 200
