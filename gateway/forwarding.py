@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any
 
 from gateway.admission import OUTPUT_CAP_FIELDS
@@ -145,6 +145,7 @@ async def attempt(
     t0 = perf_counter()
     try:
         headers = {"x-request-id": ctx.request_id, **gw.telemetry.trace_headers(current)}
+        send: Awaitable[UpstreamResponse]
         with gw.telemetry.use_attempt(current):
             if api.send is None:
                 send = provider.send(

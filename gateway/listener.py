@@ -56,8 +56,9 @@ class Loop(uvloop.Loop):  # type: ignore[misc]
         **kwargs: Any,
     ) -> asyncio.AbstractServer:
         if ssl is not None or kwargs.get("reuse_port") or not start_serving or not _tcp(sock):
-            return await super().create_server(
-                protocol_factory, host, port, family=family, flags=flags, sock=sock,
+            # uvloop's stubs type host/port/sock narrower than its create_server accepts
+            return await super().create_server(  # type: ignore[no-any-return]
+                protocol_factory, host, port, family=family, flags=flags, sock=sock,  # type: ignore[arg-type]
                 backlog=backlog, ssl=ssl, start_serving=start_serving, **kwargs,
             )  # fmt: skip
         sockets = [sock] if sock is not None else await self._bind(host, port, family, flags)

@@ -190,7 +190,7 @@ def finish_reason(ctx: RequestContext, response: dict[str, Any]) -> None:
     elif status == "incomplete":
         details = response.get("incomplete_details") or {}
         reason = details.get("reason")
-        ctx.finish_reasons.append(INCOMPLETE_REASONS.get(reason, "length"))
+        ctx.finish_reasons.append(INCOMPLETE_REASONS.get(str(reason), "length"))
     elif status == "failed":
         ctx.finish_reasons.append("error")
     elif status == "cancelled":

@@ -25,9 +25,9 @@ async def spend_report(
         keys = [k.name for k in tcfg.keys]
         team_scope = budget_scopes(name, "", tcfg.budget, None, now)[0]
         wanted.append((name, None, team_scope, tcfg.budget))
-        for key in keys:
-            key_scope = budget_scopes(name, key, None, tcfg.key_budget, now)[1]
-            wanted.append((name, key, key_scope, tcfg.key_budget))
+        for key_name in keys:
+            key_scope = budget_scopes(name, key_name, None, tcfg.key_budget, now)[1]
+            wanted.append((name, key_name, key_scope, tcfg.key_budget))
     # balances: exactly these scopes in their current periods, in order (no scan); one
     # call per team, since one call's scopes share a group (one Redis hash tag)
     rows = await balances_by_group(store, tuple(scope for _, _, scope, _ in wanted))
@@ -69,7 +69,7 @@ def forecast(
     start = period_start(budget, scope)
     if scope.limit_nano is None or start is None or scope.period_end is None:
         return {"burn_usd_per_hour": None, "exhausted_at": None, "forecast": None}
-    per_hour = spent * 3600 // max(now - start, MIN_ELAPSED_S)
+    per_hour = int(spent * 3600 // max(now - start, MIN_ELAPSED_S))
     remaining = scope.limit_nano - spent - reserved
     at: float | None = None
     if remaining <= 0:

@@ -317,8 +317,8 @@ def _listing(cells: dict[str, str]) -> Listing:
         raise ValueError(f"snapshots must be {SHARED!r} or empty: {cells['snapshots']!r}")
     price = Price(
         model=cells["model"],
-        input_per_mtok=_money(cells["input_per_mtok"], required=True),
-        output_per_mtok=_money(cells["output_per_mtok"], required=True),
+        input_per_mtok=_required_money(cells["input_per_mtok"]),
+        output_per_mtok=_required_money(cells["output_per_mtok"]),
         cached_input_per_mtok=_money(cells["cached_input_per_mtok"]),
         cache_write_per_mtok=_money(cells["cache_write_per_mtok"]),
         max_output_tokens=_tokens(cells["max_output_tokens"], "max_output_tokens"),
@@ -335,10 +335,15 @@ def _listing(cells: dict[str, str]) -> Listing:
     )
 
 
-def _money(cell: str, required: bool = False) -> Decimal | None:
+def _required_money(cell: str) -> Decimal:
+    value = _money(cell)
+    if value is None:
+        raise ValueError("input and output prices are required")
+    return value
+
+
+def _money(cell: str) -> Decimal | None:
     if not cell:
-        if required:
-            raise ValueError("input and output prices are required")
         return None
     try:
         value = Decimal(cell)

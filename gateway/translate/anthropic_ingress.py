@@ -170,7 +170,7 @@ def tool_message(block: dict[str, Any], where: str) -> tuple[dict[str, Any], lis
     content = block.get("content")
     images: list[dict[str, Any]] = []
     if isinstance(content, list):
-        texts = []
+        texts: list[dict[str, Any]] = []
         for k, item in enumerate(content):
             part = user_part(item, f"{where}.content.{k}")
             (texts if part["type"] == "text" else images).append(part)
@@ -385,7 +385,7 @@ class EventTranslator:
         if self.started:
             return []
         self.started = True
-        message = {
+        message: dict[str, Any] = {
             "id": self.message_id or chunk.get("id"),
             "type": "message",
             "role": "assistant",
@@ -432,7 +432,7 @@ class EventTranslator:
         events: list[Event] = []
         index = self._calls.get(position)
         if index is None:
-            block = {
+            block: dict[str, Any] = {
                 "type": "tool_use",
                 "id": call.get("id") or f"toolu_{position}",
                 "name": fn.get("name"),

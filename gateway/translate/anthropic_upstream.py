@@ -460,6 +460,8 @@ class StreamTranslator:
     def _block_start(self, data: Mapping[str, Any]) -> list[dict[str, Any]]:
         block = data.get("content_block") or {}
         index, kind = data.get("index"), block.get("type")
+        if not isinstance(index, int):  # every content_block_start names its block's index
+            return []
         if kind == "tool_use" and block.get("name") == self.json_tool:
             self._blocks[index] = ("json", 0)
         elif kind == "tool_use":
@@ -485,7 +487,8 @@ class StreamTranslator:
             return [self.chunk({"reasoning_content": delta["thinking"]})]
         if kind != "input_json_delta" or not delta.get("partial_json"):
             return []
-        block, call = self._blocks.get(data.get("index"), ("", 0))
+        index = data.get("index")
+        block, call = self._blocks.get(index, ("", 0)) if isinstance(index, int) else ("", 0)
         if block == "json":
             return [self.chunk({"content": delta["partial_json"]})]
         if block == "tool":
