@@ -10,7 +10,10 @@ CARDINALITY_LIMIT per histogram fold into one `otel.metric.overflow` series.
 
 A reader is attached, once a MeterProvider has registered it, by wrapping the collect
 callback the provider gave it (the SDK skips delivery when it collected nothing, so the
-points are added before that check).
+points are added before that check). That callback and the reader's temporality table
+are private to the SDK: private_sdk_names() lists them, the gateway checks them at start
+(missing, it uses the SDK's own histograms: `telemetry.fast_path: false`) and so does
+tests/test_telemetry_fast_path.py.
 """
 
 from __future__ import annotations
@@ -22,10 +25,12 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any
 
+import opentelemetry.sdk.metrics as sdk_metrics
 from opentelemetry.sdk.metrics.export import (
     AggregationTemporality,
     Histogram,
     HistogramDataPoint,
+    InMemoryMetricReader,
     Metric,
     MetricReader,
     MetricsData,
@@ -39,6 +44,18 @@ from gateway.prometheus import MetricSpec
 
 CARDINALITY_LIMIT = 2000  # the SDK's default per instrument
 _OVERFLOW = frozenset({("otel.metric.overflow", True)})
+
+
+def private_sdk_names() -> list[tuple[object, str]]:
+    """(object, attribute path) pairs attach() relies on that the SDK (1.45) keeps private;
+    the reader's are checked on a fresh reader (they are set by MetricReader.__init__)."""
+    reader = InMemoryMetricReader()
+    return [
+        # the class that keys a reader's temporality table for synchronous histograms
+        (sdk_metrics, "_internal.instrument._Histogram"),
+        (reader, "_instrument_class_temporality"),
+        (reader, "_collect"),  # the callback its MeterProvider sets; wrapped by attach()
+    ]
 
 
 class _Series:
@@ -88,10 +105,9 @@ class Histograms:
     def attach(self, reader: MetricReader) -> None:
         """Add these histograms to every collection of `reader` (registered on a
         MeterProvider already)."""
-        temporalities = getattr(reader, "_instrument_class_temporality", {})
-        preferred = next(
-            (t for cls, t in temporalities.items() if cls.__name__ == "_Histogram"),
-            AggregationTemporality.CUMULATIVE,
+        histogram_class = sdk_metrics._internal.instrument._Histogram
+        preferred = reader._instrument_class_temporality.get(
+            histogram_class, AggregationTemporality.CUMULATIVE
         )
         state = _Reader(self._specs.values(), preferred is AggregationTemporality.DELTA)
         self._readers.append(state)

@@ -17,7 +17,10 @@ from typing import Any
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.semconv.attributes.http_attributes import HTTP_RESPONSE_STATUS_CODE
 from opentelemetry.trace import SpanKind
+
+from gateway.telemetry_export import missing_names
 
 _KIND = {
     SpanKind.INTERNAL: 1,
@@ -250,9 +253,19 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
     return SpanEncoder().encode(spans)
 
 
-# What FastHTTPSpanExporter needs from the exporter it extends (private in 1.45; if a
-# release renames them, the official export path is used unchanged).
-_INTERNALS = ("_client", "_metrics", "_shutdown", "_max_request_size")
+# What FastHTTPSpanExporter reads on the exporter it extends (private in 1.45): checked on
+# each instance (missing, its export() is the official one, unchanged), at the gateway's
+# start (missing, `telemetry.fast_path: false`) and by tests/test_telemetry_fast_path.py.
+EXPORTER_NAMES = ("_client.export", "_metrics.export_operation", "_shutdown", "_max_request_size")
+
+
+def private_sdk_names(exporter: OTLPSpanExporter) -> list[tuple[object, str]]:
+    return [(exporter, name) for name in EXPORTER_NAMES]
+
+
+def _too_large(data: bytes, limit: int | None) -> bool:
+    # as the exporter's own check: a non-positive limit is no limit
+    return limit is not None and 0 < limit < len(data)
 
 
 class FastHTTPSpanExporter(OTLPSpanExporter):
@@ -262,7 +275,7 @@ class FastHTTPSpanExporter(OTLPSpanExporter):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._encoder = SpanEncoder()
-        self._fast = all(hasattr(self, name) for name in _INTERNALS)
+        self._fast = not missing_names(private_sdk_names(self))
 
     @property
     def fast(self) -> bool:
@@ -276,21 +289,24 @@ class FastHTTPSpanExporter(OTLPSpanExporter):
             data = self._encoder.encode(spans)
         except Exception:  # something the fast path does not know: the official encoder
             return super().export(spans)
-        limit = self._max_request_size
-        if limit is not None and len(data) > limit:
+        if _too_large(data, self._max_request_size):
             return super().export(spans)  # it logs and counts the refusal its own way
         return self.export_encoded(data, len(spans))
 
     def export_encoded(self, data: bytes, count: int) -> SpanExportResult:
-        """POST an already encoded ExportTraceServiceRequest of `count` spans."""
+        """POST an already encoded ExportTraceServiceRequest of `count` spans: what the
+        official export() does once it has encoded them (1.45)."""
         if self._shutdown:
             return SpanExportResult.FAILURE
-        limit = self._max_request_size
-        if limit is not None and len(data) > limit:
+        if _too_large(data, self._max_request_size):
             return SpanExportResult.FAILURE
         with self._metrics.export_operation(count) as result:
             sent = self._client.export(data)
             if not sent.success:
                 result.error = sent.error
+                status = getattr(sent, "status_code", None)
+                result.error_attrs = (
+                    {HTTP_RESPONSE_STATUS_CODE: status} if status is not None else None
+                )
                 return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS

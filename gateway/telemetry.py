@@ -9,6 +9,11 @@ span or line carries them (gateway.client_strings). What the attributes are is d
 in gateway.genai_attributes (pure); the access line in gateway.access_log; the Prometheus
 exposition in gateway.prometheus.
 
+The gateway's own spans, its histograms and the OTLP/HTTP span encoding take a fast path
+(gateway/lite_spans.py, histograms.py, otlp_spans.py, span_export.py) that relies on a
+few private SDK names; `telemetry.fast_path: false`, or one of those names missing at
+start, uses the plain SDK objects instead, with the same telemetry.
+
 Exporting never slows a request: spans and logs go through batch processors with
 bounded queues to a background thread; a dead or slow backend only costs dropped
 telemetry, counted in `tallygate.telemetry.dropped`, and one warning per outage instead
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.metadata
 import logging
 import os
 import sys
@@ -49,7 +55,7 @@ from opentelemetry.sdk.metrics.export import (
     PeriodicExportingMetricReader,
 )
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import SpanLimits, TracerProvider
 from opentelemetry.sdk.trace.export import (
     ConsoleSpanExporter,
     SimpleSpanProcessor,
@@ -78,7 +84,8 @@ from gateway.access_log import AccessLog, ClientStrings, access_record
 from gateway.client_strings import WITHHELD, Redact, Scrubber
 from gateway.context import Attempt, RequestContext
 from gateway.histograms import Histograms
-from gateway.lite_spans import LiteSpan, LiteTracer
+from gateway.histograms import private_sdk_names as histogram_sdk_names
+from gateway.lite_spans import LiteSpan, LiteTracer, PlainSpan, PlainTracer
 from gateway.prometheus import MetricSpec, PrometheusMetrics, prepare_multiprocess
 from gateway.telemetry_export import (
     CountingBatchLogProcessor,
@@ -88,10 +95,17 @@ from gateway.telemetry_export import (
     GuardedMetricExporter,
     GuardedSpanExporter,
     QuietExportLogs,
+    missing_names,
 )
 from policies.redaction import RedactionConfig, Redactor
 
-__all__ = ["METRICS", "Telemetry", "TelemetryConfig", "prepare_multiprocess"]
+__all__ = [
+    "METRICS",
+    "Telemetry",
+    "TelemetryConfig",
+    "fast_path_missing",
+    "prepare_multiprocess",
+]
 
 logger = logging.getLogger("gateway.telemetry")
 
@@ -119,6 +133,9 @@ class TelemetryConfig(BaseModel):
     # the httpx instrumentation's HTTP span under each attempt span (15% of a request's CPU;
     # off, the attempt span itself is the HTTP call and its traceparent goes upstream)
     http_spans: bool = False
+    # false: the plain SDK objects (its Tracer and spans, BatchSpanProcessor and
+    # OTLPSpanExporter, its histograms), none of the private SDK names the fast path needs
+    fast_path: bool = True
     max_queue_size: int = Field(default=2048, ge=1)  # batch processors' bounded queues
     export_timeout_s: float = Field(default=5.0, gt=0)
 
@@ -301,7 +318,7 @@ class _RequestTrace:
 
     __slots__ = ("chunk_attrs", "finished", "request_attrs", "span")
 
-    def __init__(self, span: LiteSpan | None) -> None:
+    def __init__(self, span: LiteSpan | PlainSpan | None) -> None:
         self.span = span
         self.request_attrs: dict[str, Any] | None = None  # gen_ai.request.* of the body
         self.chunk_attrs: dict[str, Any] | None = None  # metric attributes for chunk gaps
@@ -315,7 +332,7 @@ class _AttemptTrace:
 
     __slots__ = ("closed", "end_ns", "failed", "span")
 
-    def __init__(self, span: LiteSpan) -> None:
+    def __init__(self, span: LiteSpan | PlainSpan) -> None:
         self.span = span
         self.end_ns: int | None = None
         self.failed = False
@@ -353,7 +370,7 @@ class _CurrentSpan:
 _NOTHING = contextlib.nullcontext()
 
 
-def _as_context(span: LiteSpan | None) -> otel_context.Context | None:
+def _as_context(span: LiteSpan | PlainSpan | None) -> otel_context.Context | None:
     """An OpenTelemetry Context whose current span is `span` (for instrumentation and logs)."""
     if span is None:
         return None
@@ -379,6 +396,24 @@ def resource_attributes(configured: Mapping[str, str]) -> dict[str, str]:
 
     from_env = OTELResourceDetector().detect().attributes
     return {k: v for k, v in configured.items() if k not in from_env}
+
+
+def fast_path_missing(span_exporter: SpanExporter | None = None) -> list[str]:
+    """The private SDK names the fast path needs that this SDK lacks, as "Owner.name":
+    the histograms' and, given the fast OTLP/HTTP span exporter, the ones it reads."""
+    pairs = histogram_sdk_names()
+    if span_exporter is not None:
+        from gateway.otlp_spans import private_sdk_names
+
+        pairs += private_sdk_names(span_exporter)  # type: ignore[arg-type]
+    return missing_names(pairs)
+
+
+def _sdk_version() -> str:
+    try:
+        return importlib.metadata.version("opentelemetry-sdk")
+    except importlib.metadata.PackageNotFoundError:
+        return "?"
 
 
 def otlp_targets(cfg: TelemetryConfig, env: Mapping[str, str]) -> dict[str, tuple[str | None, str]]:
@@ -426,6 +461,7 @@ class Telemetry:
         self._quiet = QuietExportLogs()
         self._healths: list[ExportHealth] = []
         self._description = "none"
+        self.fast_path = True  # telemetry.fast_path, unless the SDK lacks what it needs
 
     # -- setup --
 
@@ -473,110 +509,11 @@ class Telemetry:
         )
         timeout_ms = config.export_timeout_s * 1000.0
         targets = otlp_targets(config, os.environ)
-
-        # metrics first: the export plumbing counts its drops in a meter
-        readers: list[MetricReader] = [metric_reader] if metric_reader is not None else []
-        if config.exporter == "console":
-            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(out=sys.stderr)))
-        elif config.exporter == "otlp" and "metrics" in targets:
-            health = self._health("metrics", targets["metrics"][1])
-            readers.append(
-                PeriodicExportingMetricReader(
-                    GuardedMetricExporter(self._otlp_metric_exporter(targets), health),
-                    export_timeout_millis=timeout_ms,
-                )
-            )
-        # histograms are aggregated by gateway/histograms.py and added to each collection
         scope = InstrumentationScope("tallygate", service_version)
-        histograms = Histograms(METRICS, self._resource, scope)
-        # no exemplars: at finish_request no span is current, and the filter costs µs
-        self._meter_provider = MeterProvider(
-            metric_readers=readers,
-            resource=self._resource,
-            exemplar_filter=AlwaysOffExemplarFilter(),
-            shutdown_on_exit=False,
-        )
-        for reader in readers:
-            histograms.attach(reader)
-        self.prometheus = PrometheusMetrics(METRICS, workers=workers) if config.prometheus else None
-        meter = self._meter_provider.get_meter("tallygate", service_version)
-        self._instruments: dict[str, Any] = {}
-        for spec in METRICS:
-            prom = self.prometheus.instruments[spec.name] if self.prometheus else None
-            if spec.kind == "counter":
-                counter = _Counter(prom)
-                meter.create_observable_counter(
-                    spec.name, [counter.observe], spec.unit, spec.description
-                )
-                self._instruments[spec.name] = counter
-            else:
-                # without a reader, nothing to aggregate for
-                self._instruments[spec.name] = _Histogram(
-                    histograms.recorder(spec.name) if readers else None, prom
-                )
-        i = self._instruments
-        self._m_duration = i[gm.GEN_AI_CLIENT_OPERATION_DURATION]
-        self._m_tokens = i[gm.GEN_AI_CLIENT_TOKEN_USAGE]
-        self._m_ttfc = i[gm.GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK]
-        self._m_chunk = i[gm.GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK]
-        self._m_overhead = i[OVERHEAD]
-        self._m_requests = i[REQUESTS]
-        self._m_cost = i[COST]
-        self._m_redactions = i[REDACTIONS]
-        self._m_dropped = i[DROPPED]
-        self._m_errors = i[ERRORS]
-
-        # traces
-        processor: Any = None
-        if span_exporter is not None:  # tests: synchronous, so spans are there at once
-            health = self._health("traces", type(span_exporter).__name__)
-            processor = SimpleSpanProcessor(GuardedSpanExporter(span_exporter, health))
-        elif config.exporter == "console" or (config.exporter == "otlp" and "traces" in targets):
-            if config.exporter == "console":
-                exporter: SpanExporter = ConsoleSpanExporter(out=sys.stderr)
-                health = self._health("traces", "stderr")
-                self._description = "console"
-            else:
-                exporter = self._otlp_span_exporter(targets)
-                health = self._health("traces", targets["traces"][1])
-            on_drop = lambda n: self._dropped("traces", "queue_full", n)  # noqa: E731
-            if getattr(exporter, "fast", False):  # FastHTTPSpanExporter, its internals found
-                from gateway.span_export import EncodedSpanProcessor
-
-                # spans encoded as they end, the thread only sends: no GIL bursts
-                processor = EncodedSpanProcessor(
-                    exporter,
-                    health,
-                    on_drop,
-                    max_queue_size=config.max_queue_size,
-                    max_export_batch_size=min(512, config.max_queue_size),
-                )
-            else:
-                processor = CountingBatchSpanProcessor(
-                    GuardedSpanExporter(exporter, health),
-                    on_drop,
-                    max_queue_size=config.max_queue_size,
-                    max_export_batch_size=min(512, config.max_queue_size),
-                    export_timeout_millis=timeout_ms,
-                    meter_provider=self._meter_provider,
-                )
-        # nothing to export spans to: sample nothing, so spans cost almost nothing yet
-        # still carry ids for the access log and the upstream traceparent
-        sampler = ALWAYS_OFF if processor is None else None
-        self._tracer_provider = TracerProvider(
-            resource=self._resource, sampler=sampler, shutdown_on_exit=False
-        )
-        if processor is not None:
-            self._tracer_provider.add_span_processor(processor)
-        # the gateway's own spans (gateway/lite_spans.py); the provider serves instrumentation
-        # (nothing to record for: no sampler to ask per span either)
-        self._spans = LiteTracer(
-            self._resource,
-            scope,
-            processor,
-            self._tracer_provider.sampler if processor is not None else None,
-        )
-
+        otlp_spans = self._choose_path(span_exporter, targets)
+        # metrics first: the export plumbing counts its drops in a meter
+        self._setup_metrics(metric_reader, targets, scope, workers, timeout_ms)
+        self._setup_traces(span_exporter, otlp_spans, targets, scope, timeout_ms)
         # logs: the access lines, when asked for and there is somewhere to send them
         self._logger_provider: LoggerProvider | None = None
         self._otel_logger: Any = None
@@ -600,6 +537,167 @@ class Telemetry:
         self._quiet.install()
         return self
 
+    def _choose_path(
+        self, span_exporter: SpanExporter | None, targets: Mapping[str, tuple[str | None, str]]
+    ) -> SpanExporter | None:
+        """Sets fast_path: the config's, unless a private SDK name the fast path needs is
+        missing (then one warning, and the plain SDK objects). Returns the OTLP span
+        exporter when traces go over OTLP (built first: its names are among those checked)."""
+        config = self.config
+        otlp_spans = None
+        if span_exporter is None and config.exporter == "otlp" and "traces" in targets:
+            otlp_spans = self._otlp_span_exporter(targets, fast=config.fast_path)
+        self.fast_path = config.fast_path
+        if not self.fast_path:
+            return otlp_spans
+        missing = fast_path_missing(otlp_spans if config.protocol == "http/protobuf" else None)
+        if not missing:
+            return otlp_spans
+        logger.warning(
+            "telemetry: the fast path needs %s, which opentelemetry-sdk %s lacks; "
+            "using the plain SDK objects (as with telemetry.fast_path: false)",
+            ", ".join(missing),
+            _sdk_version(),
+        )
+        self.fast_path = False
+        if otlp_spans is None:
+            return None
+        with contextlib.suppress(Exception):  # its internals may be what is missing
+            otlp_spans.shutdown()
+        return self._otlp_span_exporter(targets, fast=False)
+
+    def _setup_metrics(
+        self,
+        metric_reader: MetricReader | None,
+        targets: Mapping[str, tuple[str | None, str]],
+        scope: InstrumentationScope,
+        workers: int,
+        timeout_ms: float,
+    ) -> None:
+        config = self.config
+        readers: list[MetricReader] = [metric_reader] if metric_reader is not None else []
+        if config.exporter == "console":
+            readers.append(PeriodicExportingMetricReader(ConsoleMetricExporter(out=sys.stderr)))
+        elif config.exporter == "otlp" and "metrics" in targets:
+            health = self._health("metrics", targets["metrics"][1])
+            readers.append(
+                PeriodicExportingMetricReader(
+                    GuardedMetricExporter(self._otlp_metric_exporter(targets), health),
+                    export_timeout_millis=timeout_ms,
+                )
+            )
+        # no exemplars: at finish_request no span is current, and the filter costs µs
+        self._meter_provider = MeterProvider(
+            metric_readers=readers,
+            resource=self._resource,
+            exemplar_filter=AlwaysOffExemplarFilter(),
+            shutdown_on_exit=False,
+        )
+        meter = self._meter_provider.get_meter(scope.name, scope.version)
+        # fast path: histograms aggregated by gateway/histograms.py, added to each collection
+        histograms = Histograms(METRICS, self._resource, scope) if self.fast_path else None
+        if histograms is not None:
+            for reader in readers:
+                histograms.attach(reader)
+        self.prometheus = PrometheusMetrics(METRICS, workers=workers) if config.prometheus else None
+        self._instruments: dict[str, Any] = {}
+        for spec in METRICS:
+            prom = self.prometheus.instruments[spec.name] if self.prometheus else None
+            if spec.kind == "counter":
+                counter = _Counter(prom)
+                meter.create_observable_counter(
+                    spec.name, [counter.observe], spec.unit, spec.description
+                )
+                self._instruments[spec.name] = counter
+                continue
+            record: Callable[..., None] | None = None  # without a reader, nothing to aggregate for
+            if readers and histograms is not None:
+                record = histograms.recorder(spec.name)
+            elif readers:
+                record = meter.create_histogram(
+                    spec.name,
+                    spec.unit,
+                    spec.description,
+                    explicit_bucket_boundaries_advisory=spec.buckets,
+                ).record
+            self._instruments[spec.name] = _Histogram(record, prom)
+        i = self._instruments
+        self._m_duration = i[gm.GEN_AI_CLIENT_OPERATION_DURATION]
+        self._m_tokens = i[gm.GEN_AI_CLIENT_TOKEN_USAGE]
+        self._m_ttfc = i[gm.GEN_AI_CLIENT_OPERATION_TIME_TO_FIRST_CHUNK]
+        self._m_chunk = i[gm.GEN_AI_CLIENT_OPERATION_TIME_PER_OUTPUT_CHUNK]
+        self._m_overhead = i[OVERHEAD]
+        self._m_requests = i[REQUESTS]
+        self._m_cost = i[COST]
+        self._m_redactions = i[REDACTIONS]
+        self._m_dropped = i[DROPPED]
+        self._m_errors = i[ERRORS]
+
+    def _setup_traces(
+        self,
+        span_exporter: SpanExporter | None,
+        otlp_spans: SpanExporter | None,
+        targets: Mapping[str, tuple[str | None, str]],
+        scope: InstrumentationScope,
+        timeout_ms: float,
+    ) -> None:
+        config = self.config
+        processor: Any = None
+        if span_exporter is not None:  # tests: synchronous, so spans are there at once
+            health = self._health("traces", type(span_exporter).__name__)
+            processor = SimpleSpanProcessor(GuardedSpanExporter(span_exporter, health))
+        elif config.exporter == "console" or otlp_spans is not None:
+            if otlp_spans is None:
+                exporter: SpanExporter = ConsoleSpanExporter(out=sys.stderr)
+                health = self._health("traces", "stderr")
+                self._description = "console"
+            else:
+                exporter = otlp_spans
+                health = self._health("traces", targets["traces"][1])
+            on_drop = lambda n: self._dropped("traces", "queue_full", n)  # noqa: E731
+            if self.fast_path and getattr(exporter, "fast", False):  # FastHTTPSpanExporter
+                from gateway.span_export import EncodedSpanProcessor
+
+                # spans encoded as they end, the thread only sends: no GIL bursts
+                processor = EncodedSpanProcessor(
+                    exporter,  # type: ignore[arg-type]
+                    health,
+                    on_drop,
+                    max_queue_size=config.max_queue_size,
+                    max_export_batch_size=min(512, config.max_queue_size),
+                )
+            else:
+                processor = CountingBatchSpanProcessor(
+                    GuardedSpanExporter(exporter, health),
+                    on_drop,
+                    max_queue_size=config.max_queue_size,
+                    max_export_batch_size=min(512, config.max_queue_size),
+                    export_timeout_millis=timeout_ms,
+                    meter_provider=self._meter_provider,
+                )
+        # nothing to export spans to: sample nothing, so spans cost almost nothing yet
+        # still carry ids for the access log and the upstream traceparent
+        sampler = ALWAYS_OFF if processor is None else None
+        limits = SpanLimits()  # from the OTEL_*_LIMIT environment, for both kinds of span
+        self._tracer_provider = TracerProvider(
+            resource=self._resource, sampler=sampler, span_limits=limits, shutdown_on_exit=False
+        )
+        if processor is not None:
+            self._tracer_provider.add_span_processor(processor)
+        self._spans: LiteTracer | PlainTracer
+        if not self.fast_path:
+            self._spans = PlainTracer(self._tracer_provider.get_tracer(scope.name, scope.version))
+            return
+        # the gateway's own spans (gateway/lite_spans.py); the provider serves instrumentation
+        # (nothing to record for: no sampler to ask per span either)
+        self._spans = LiteTracer(
+            self._resource,
+            scope,
+            processor,
+            self._tracer_provider.sampler if processor is not None else None,
+            limits,
+        )
+
     def _health(self, signal: str, target: str) -> ExportHealth:
         health = ExportHealth(signal, target, self._dropped, self._quiet)
         self._healths.append(health)
@@ -615,12 +713,20 @@ class Telemetry:
             kwargs["headers"] = dict(self.config.headers)
         return kwargs
 
-    def _otlp_span_exporter(self, targets: Mapping[str, tuple[str | None, str]]) -> SpanExporter:
+    def _otlp_span_exporter(
+        self, targets: Mapping[str, tuple[str | None, str]], *, fast: bool
+    ) -> SpanExporter:
         kwargs = self._exporter_kwargs(targets["traces"][0])
         if self.config.protocol == "grpc":
             from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
             return OTLPSpanExporter(**kwargs)
+        if not fast:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+                OTLPSpanExporter as HTTPSpanExporter,
+            )
+
+            return HTTPSpanExporter(**kwargs)
         from gateway.otlp_spans import FastHTTPSpanExporter
 
         return FastHTTPSpanExporter(**kwargs)

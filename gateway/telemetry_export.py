@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from types import ModuleType
 from typing import Any
 
 from opentelemetry.sdk._logs.export import (
@@ -18,6 +19,48 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 
 logger = logging.getLogger("gateway.telemetry")
+
+
+def reaches(owner: object, path: str) -> bool:
+    """Whether `owner.path` (dotted) exists."""
+    for name in path.split("."):
+        if not hasattr(owner, name):
+            return False
+        owner = getattr(owner, name)
+    return True
+
+
+def missing_names(pairs: Iterable[tuple[object, str]]) -> list[str]:
+    """The (object, attribute path) pairs that do not exist, as "Owner.path"."""
+    out = []
+    for owner, path in pairs:
+        if not reaches(owner, path):
+            kind = owner if isinstance(owner, type | ModuleType) else type(owner)
+            out.append(f"{getattr(kind, '__qualname__', kind.__name__)}.{path}")
+    return out
+
+
+def private_sdk_names() -> list[tuple[object, str]]:
+    """What the export plumbing below reads that the SDK (1.45) keeps private, in both
+    telemetry modes; each is read with a fallback (so a rename degrades, never stops the
+    gateway), and tests/test_telemetry_fast_path.py fails when one is gone."""
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = OTLPMetricExporter(endpoint="http://127.0.0.1:9/v1/metrics")
+    processor = BatchSpanProcessor(InMemorySpanExporter())
+    try:
+        return [
+            # the temporality/aggregation a periodic reader takes from its exporter
+            (exporter, "_preferred_temporality"),
+            (exporter, "_preferred_aggregation"),
+            # the batch queue and its bound, to count queue-full drops
+            (processor, "_batch_processor._queue"),
+            (processor, "_batch_processor._max_queue_size"),
+        ]
+    finally:
+        processor.shutdown()
+        exporter.shutdown()
 
 
 NOISY_LOGGERS = (
@@ -166,10 +209,11 @@ def count_points(data: MetricsData) -> int:
 
 class GuardedMetricExporter(MetricExporter):
     def __init__(self, inner: MetricExporter, health: ExportHealth) -> None:
-        # the periodic reader reads these (private) preferences off its exporter
+        # the periodic reader reads these (private) preferences off its exporter; without
+        # them, the SDK's defaults (cumulative)
         super().__init__(
-            preferred_temporality=inner._preferred_temporality,
-            preferred_aggregation=inner._preferred_aggregation,
+            preferred_temporality=getattr(inner, "_preferred_temporality", None),
+            preferred_aggregation=getattr(inner, "_preferred_aggregation", None),
         )
         self._inner = inner
         self._health = health

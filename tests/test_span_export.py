@@ -5,7 +5,9 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import pytest
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans as official
+from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -180,3 +182,46 @@ def test_a_dead_backend_counts_drops_and_shutdown_returns() -> None:
     assert processor.force_flush(10_000)
     assert drops.by_reason == {"export_failed": 2}
     provider.shutdown()
+
+
+def finished_spans(n: int) -> list[ReadableSpan]:
+    mirror = InMemorySpanExporter()
+    provider = TracerProvider(resource=Resource.create({"service.name": "t"}))
+    provider.add_span_processor(SimpleSpanProcessor(mirror))
+    end_spans(provider, n)
+    provider.shutdown()
+    return list(mirror.get_finished_spans())
+
+
+@pytest.mark.parametrize("limit", [0, -1])
+def test_a_non_positive_max_request_size_is_no_limit_as_in_the_official_exporter(
+    limit: int,
+) -> None:
+    spans = finished_spans(2)
+    with OTLPReceiver() as rx:
+        endpoint = rx.endpoint + "/v1/traces"
+        official_exporter = OTLPSpanExporter(endpoint=endpoint, max_request_size=limit)
+        exporter = FastHTTPSpanExporter(endpoint=endpoint, timeout=5, max_request_size=limit)
+        assert official_exporter.export(spans) is SpanExportResult.SUCCESS
+        data = official(spans).SerializeToString()
+        assert exporter.export_encoded(data, 2) is SpanExportResult.SUCCESS
+        assert exporter.export(spans) is SpanExportResult.SUCCESS
+        received = rx.wait_for_spans(6)
+        exporter.shutdown()
+        official_exporter.shutdown()
+    assert sorted(s.name for s in received) == ["s0", "s0", "s0", "s1", "s1", "s1"]
+
+
+def test_a_request_over_max_request_size_is_refused_as_by_the_official_exporter() -> None:
+    spans = finished_spans(2)
+    with OTLPReceiver() as rx:
+        endpoint = rx.endpoint + "/v1/traces"
+        official_exporter = OTLPSpanExporter(endpoint=endpoint, max_request_size=10)
+        exporter = FastHTTPSpanExporter(endpoint=endpoint, timeout=5, max_request_size=10)
+        assert official_exporter.export(spans) is SpanExportResult.FAILURE
+        data = official(spans).SerializeToString()
+        assert exporter.export_encoded(data, 2) is SpanExportResult.FAILURE
+        assert exporter.export(spans) is SpanExportResult.FAILURE
+        exporter.shutdown()
+        official_exporter.shutdown()
+        assert rx.requests == []  # refused before sending, by both
