@@ -47,10 +47,15 @@ def drain(scope: RateScope, bucket: Bucket, now: float) -> Bucket:
 
 
 def gcra_decide(
-    scopes: tuple[RateScope, ...], buckets: Mapping[str, Bucket], tokens: int, now: float
+    scopes: tuple[RateScope, ...],
+    buckets: Mapping[str, Bucket],
+    tokens: int,
+    now: float,
+    requests: int = 1,
 ) -> tuple[RateDecision, dict[str, Bucket] | None]:
-    """Decide one request against every scope; return the decision and, when admitted,
-    the buckets to store (None when refused: nothing changes, all or nothing)."""
+    """Decide ``requests`` requests costing ``tokens`` in all against every scope; return
+    the decision and, when admitted, the buckets to store (None when refused: nothing
+    changes, all or nothing)."""
     retry_after, limited_by = 0.0, None
     drained: dict[str, Bucket] = {}
     new: dict[str, Bucket] = {}
@@ -59,8 +64,8 @@ def gcra_decide(
             scope, buckets.get(scope.scope_id, _EMPTY), now
         )
         if scope.rpm is not None:
-            level_r += 1
-            wait = _wait(level_r, scope.rpm)
+            level_r += requests
+            wait = WINDOW_S if requests > scope.rpm else _wait(level_r, scope.rpm)
             if wait > retry_after:
                 retry_after, limited_by = wait, "requests"
         if scope.tpm is not None and tokens > 0:
@@ -82,12 +87,32 @@ def gcra_add_tokens(
 ) -> dict[str, Bucket]:
     """Charge tokens learned after admission; may fill a bucket past its limit (a debt
     that later requests wait out)."""
+    if tokens <= 0:
+        return {}
+    return gcra_adjust(tuple(s for s in scopes if s.tpm is not None), buckets, 0, tokens, now)
+
+
+def gcra_adjust(
+    scopes: tuple[RateScope, ...],
+    buckets: Mapping[str, Bucket],
+    requests: int,
+    tokens: int,
+    now: float,
+) -> dict[str, Bucket]:
+    """Add signed ``requests`` and ``tokens`` to each scope's drained levels, never below 0.
+
+    Giving back capacity taken earlier (a lease's unused part) is conservative: the level
+    then is at least what it would be had the capacity never been taken, because draining
+    stops at 0 and the level with the capacity held drained no less. So it never lets
+    more through than the limit."""
     new: dict[str, Bucket] = {}
     for scope in scopes:
-        if scope.tpm is None or tokens <= 0:
-            continue
         at, level_r, level_t = drain(scope, buckets.get(scope.scope_id, _EMPTY), now)
-        new[scope.scope_id] = (at, level_r, level_t + tokens)
+        if scope.rpm is not None:
+            level_r = max(0.0, level_r + requests)
+        if scope.tpm is not None:
+            level_t = max(0.0, level_t + tokens)
+        new[scope.scope_id] = (at, level_r, level_t)
     return new
 
 
@@ -96,6 +121,13 @@ def rate_state(scope: RateScope, level_r: float, level_t: float) -> RateState:
     rem_r, reset_r = _remaining(scope.rpm, level_r)
     rem_t, reset_t = _remaining(scope.tpm, level_t)
     return RateState(scope.scope_id, scope.rpm, rem_r, reset_r, scope.tpm, rem_t, reset_t)
+
+
+def states_of(
+    scopes: tuple[RateScope, ...], buckets: Mapping[str, Bucket]
+) -> tuple[RateState, ...]:
+    """Each scope's state from its bucket (absent: empty)."""
+    return tuple(rate_state(s, *buckets.get(s.scope_id, _EMPTY)[1:]) for s in scopes)
 
 
 def empty_at(scope: RateScope, bucket: Bucket) -> float:
@@ -130,16 +162,34 @@ class RateWindows:
         self._empty_at: dict[str, float] = {}
         self._calls = 0
 
-    def acquire(self, scopes: tuple[RateScope, ...], tokens: int) -> RateDecision:
+    def acquire(
+        self, scopes: tuple[RateScope, ...], tokens: int, requests: int = 1
+    ) -> RateDecision:
+        decision, new = self.decide(scopes, tokens, requests)
+        if new is not None:
+            self.commit(scopes, new)
+        return decision
+
+    def decide(
+        self, scopes: tuple[RateScope, ...], tokens: int, requests: int = 1
+    ) -> tuple[RateDecision, dict[str, Bucket] | None]:
+        """The decision and the buckets to ``commit`` if admitted, changing nothing yet."""
         now = self._clock()
         self._maybe_sweep(now)
-        decision, new = gcra_decide(scopes, self._buckets, tokens, now)
-        if new is not None:
-            self._store(scopes, new)
-        return decision
+        return gcra_decide(scopes, self._buckets, tokens, now, requests)
+
+    def commit(self, scopes: tuple[RateScope, ...], new: dict[str, Bucket]) -> None:
+        self._store(scopes, new)
 
     def add_tokens(self, scopes: tuple[RateScope, ...], tokens: int) -> None:
         self._store(scopes, gcra_add_tokens(scopes, self._buckets, tokens, self._clock()))
+
+    def adjust(
+        self, scopes: tuple[RateScope, ...], requests: int, tokens: int
+    ) -> tuple[RateState, ...]:
+        new = gcra_adjust(scopes, self._buckets, requests, tokens, self._clock())
+        self._store(scopes, new)
+        return states_of(scopes, new)
 
     def _store(self, scopes: tuple[RateScope, ...], new: dict[str, Bucket]) -> None:
         for scope in scopes:

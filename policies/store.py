@@ -3,8 +3,9 @@
 Backends: ``policies.store_local.LocalStore`` (SQLite ledger + windows),
 ``policies.store_redis.RedisStore`` (Lua scripts) and
 ``policies.store_redis_cluster.RedisClusterStore`` (the same scripts on a Redis Cluster).
-All pass ``tests/test_store_contract.py``. Money is integer nano-USD throughout, within
-the bounds below.
+``policies.leases.LeasedStore`` wraps any of them when several processes share the
+budgets (see ``open_store``). All pass ``tests/test_store_contract.py``. Money is integer
+nano-USD throughout, within the bounds below.
 """
 
 from __future__ import annotations
@@ -103,6 +104,20 @@ class SpendRow:
     reserved_nano: int
 
 
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    """What ``Store.admit`` decided: the rate windows, then the budget, in one atomic call.
+
+    ``budget`` is None when the rate windows refused (the budget was not tried). The rate
+    windows are charged only when the budget admits too: a refusal by either changes nothing.
+    ``balances`` are the budget scopes' rows after the call, in order (empty when the budget
+    was not tried)."""
+
+    rate: RateDecision
+    budget: Reservation | BudgetRejection | None
+    balances: tuple[SpendRow, ...] = ()
+
+
 class Store(Protocol):
     """What the gateway needs from a store. Every method may raise StoreError.
 
@@ -124,16 +139,45 @@ class Store(Protocol):
         ValueError (nothing changed) when amount is outside [0, MAX_AMOUNT_NANO]."""
         ...
 
-    async def settle(self, reservation: Reservation, actual_nano: int) -> None:
+    async def settle(self, reservation: Reservation, actual_nano: int) -> list[SpendRow]:
         """Replace the reservation by the actual cost: reserved -= amount, spent += actual.
-        Idempotent per request_id; if the reservation already expired, spend is still added.
-        ``actual_nano`` is clamped into [0, MAX_AMOUNT_NANO] (see clamp_actual); spent and
-        reserved saturate within [0, MAX_LEDGER_NANO]."""
+        Idempotent per request_id; if the reservation already expired (or never existed),
+        spend is still added. ``actual_nano`` is clamped into [0, MAX_AMOUNT_NANO] (see
+        clamp_actual); spent and reserved saturate within [0, MAX_LEDGER_NANO]. Returns the
+        balances of the reservation's scopes after it (as ``balances``), so the caller needs
+        no second call for the remaining budget."""
         ...
 
-    async def rate_acquire(self, scopes: tuple[RateScope, ...], tokens: int) -> RateDecision:
-        """Admit one request costing ``tokens`` against every scope's RPM and TPM windows
-        (all or nothing), recording it when admitted."""
+    async def admit(
+        self,
+        request_id: str,
+        scopes: tuple[BudgetScope, ...],
+        amount_nano: int,
+        rate_scopes: tuple[RateScope, ...] = (),
+        tokens: int = 0,
+        requests: int = 1,
+    ) -> Admitted:
+        """``rate_acquire`` then ``reserve``, as ONE atomic call that also returns the
+        budget scopes' balances: a request's whole admission in one round trip. All or
+        nothing: a budget refusal leaves the rate windows as they were. ``rate_scopes``
+        share the budget scopes' group. Same ValueErrors as reserve."""
+        ...
+
+    async def rate_acquire(
+        self, scopes: tuple[RateScope, ...], tokens: int, requests: int = 1
+    ) -> RateDecision:
+        """Admit ``requests`` requests costing ``tokens`` in all against every scope's RPM
+        and TPM windows (all or nothing), recording them when admitted. ``requests`` > 1
+        takes capacity for several requests at once (a lease, ``policies.leases``)."""
+        ...
+
+    async def rate_adjust(
+        self, scopes: tuple[RateScope, ...], requests: int, tokens: int
+    ) -> tuple[RateState, ...]:
+        """Add ``requests`` and ``tokens`` (signed) to every scope's windows, after draining;
+        a level never goes below 0. Negative counts give capacity back (a lease's unused
+        part); positive ones charge it, possibly past the limit, like rate_add_tokens.
+        Returns each scope's state after."""
         ...
 
     async def rate_add_tokens(self, scopes: tuple[RateScope, ...], tokens: int) -> None:
@@ -144,10 +188,14 @@ class Store(Protocol):
         """Spent and reserved per scope and period (all when scope_ids is None)."""
         ...
 
-    async def balances(self, scopes: tuple[BudgetScope, ...]) -> list[SpendRow]:
+    async def balances(
+        self, scopes: tuple[BudgetScope, ...], *, fresh: bool = False
+    ) -> list[SpendRow]:
         """Spent and reserved of exactly these scopes in their periods: one row per scope,
         in order, zeros when nothing is recorded yet; expired reservations not counted.
-        Cheap (no scan), unlike spend(): for the remaining budget of every request."""
+        Cheap (no scan), unlike spend(): for the remaining budget of every request.
+        A LeasedStore answers from memory (its figures may be a little stale) unless
+        ``fresh``: admin reports ask for fresh figures; the other stores always read."""
         ...
 
     async def claim_once(self, key: str, group: str, ttl_s: float | None) -> bool:
@@ -183,9 +231,9 @@ def clamp_actual(request_id: str, actual_nano: int) -> int:
 async def balances_by_group(
     store: Store, scopes: tuple[BudgetScope, ...], *, concurrency: int = 16
 ) -> list[SpendRow]:
-    """``store.balances`` of scopes of any number of groups: one call per group, at most
-    ``concurrency`` at a time; one row per scope, in order. The first StoreError cancels
-    the calls still running and is raised."""
+    """``store.balances`` (fresh: for reports) of scopes of any number of groups: one call
+    per group, at most ``concurrency`` at a time; one row per scope, in order. The first
+    StoreError cancels the calls still running and is raised."""
     by_group: dict[str, list[int]] = {}
     for i, scope in enumerate(scopes):
         by_group.setdefault(scope.group, []).append(i)
@@ -194,7 +242,7 @@ async def balances_by_group(
 
     async def read(indexes: list[int]) -> None:
         async with gate:
-            got = await store.balances(tuple(scopes[i] for i in indexes))
+            got = await store.balances(tuple(scopes[i] for i in indexes), fresh=True)
         for i, row in zip(indexes, got, strict=True):
             rows[i] = row
 
@@ -207,20 +255,34 @@ async def balances_by_group(
     return rows  # type: ignore[return-value]  # every index was filled
 
 
-def open_store(config: StoreConfig, *, processes: int = 1) -> Store:
+def open_store(config: StoreConfig, *, processes: int | None = None) -> Store:
     """Build (not start) the configured store; the backend module is imported only here.
 
-    ``processes`` is how many gateway worker processes share the store (server.workers):
-    the local store then keeps its rate windows in the SQLite file instead of memory.
+    ``processes`` is how many gateway worker processes share the store (server.workers).
+    A gateway passes it, and then gets budget and rate leases (``policies.leases``)
+    whenever its budgets are shared with other processes: on the local store with
+    ``processes > 1`` (whose rate windows then live in the SQLite file too), always on
+    Redis and Redis Cluster (replicas). One local worker keeps the in-memory ledger, exact
+    and cheap without leases. None (a tool reading the store, e.g. ``tallygate spend``):
+    the bare backend, as one process.
     """
+    inner: Store
     if config.backend == "redis":
         from policies.store_redis import RedisStore
 
-        return RedisStore(config)
-    if config.backend == "redis_cluster":
+        inner = RedisStore(config)
+    elif config.backend == "redis_cluster":
         from policies.store_redis_cluster import RedisClusterStore
 
-        return RedisClusterStore(config)
-    from policies.store_local import LocalStore
+        inner = RedisClusterStore(config)
+    else:
+        from policies.store_local import LocalStore
 
-    return LocalStore(config, processes=processes)
+        inner = LocalStore(config, processes=processes or 1)
+        if (processes or 1) == 1:
+            return inner
+    if processes is None:
+        return inner
+    from policies.leases import LeasedStore
+
+    return LeasedStore(inner, config)

@@ -41,13 +41,23 @@ from policies.ledger_memory import (
     RejectedWrite,
     Writer,
 )
-from policies.ratelimit import Bucket, RateWindows, empty_at, gcra_add_tokens, gcra_decide
+from policies.ratelimit import (
+    Bucket,
+    RateWindows,
+    empty_at,
+    gcra_add_tokens,
+    gcra_adjust,
+    gcra_decide,
+    states_of,
+)
 from policies.store import (
     MAX_LEDGER_NANO,
+    Admitted,
     BudgetRejection,
     BudgetScope,
     RateDecision,
     RateScope,
+    RateState,
     Reservation,
     SpendRow,
     StoreError,
@@ -148,6 +158,7 @@ SELECT
     (SELECT TOTAL(amount_nano) FROM reservations
      WHERE scope_id = ?1 AND period_key = ?2 AND expires_at <= ?3)
 """
+_ADMITTED = RateDecision(True, 0.0, None, ())  # no rate scopes: nothing to check
 _NEVER = 1e300  # expires_at of a claim without a ttl: beyond any clock
 _PURGE_SETTLED_EVERY = 256  # forget old settle tombstones every this many settles (per process)
 _RATE_SWEEP_EVERY = 4096  # forget drained rate buckets every this many acquires (per process)
@@ -242,14 +253,46 @@ class LocalStore:
         # no await from here on: the check and the change are one step of the event loop
         return mem.reserve(request_id, scopes, keys, amount_nano, self._clock())
 
-    async def settle(self, reservation: Reservation, actual_nano: int) -> None:
+    async def settle(self, reservation: Reservation, actual_nano: int) -> list[SpendRow]:
         actual_nano = clamp_actual(reservation.request_id, actual_nano)
         if not self._owner:
-            await self._run(self._settle, reservation, actual_nano, self._clock())
-            return
+            return await self._run(self._settle, reservation, actual_nano, self._clock())
         keys = _keys(reservation.scopes)
         mem = await self._ensure(keys)
         mem.settle(reservation.request_id, keys, actual_nano)  # the flusher writes the spend
+        return mem.balances(reservation.scopes, keys, self._clock())
+
+    async def admit(
+        self,
+        request_id: str,
+        scopes: tuple[BudgetScope, ...],
+        amount_nano: int,
+        rate_scopes: tuple[RateScope, ...] = (),
+        tokens: int = 0,
+        requests: int = 1,
+    ) -> Admitted:
+        _check_scopes(scopes)
+        check_reserve_amount(amount_nano)
+        if not self._owner:
+            return await self._run(
+                self._admit, request_id, scopes, amount_nano, rate_scopes, tokens, requests,
+                self._clock(),
+            )  # fmt: skip
+        keys = _keys(scopes)
+        mem = await self._ensure(keys)
+        windows = self._windows
+        assert windows is not None  # one process: the windows are in memory
+        # no await from here on: rate check, budget check and both changes are one step
+        decision, new = _ADMITTED, None
+        if rate_scopes:
+            decision, new = windows.decide(rate_scopes, tokens, requests)
+            if new is None:
+                return Admitted(decision, None)
+        now = self._clock()
+        result = mem.reserve(request_id, scopes, keys, amount_nano, now)
+        if new is not None and isinstance(result, Reservation):
+            windows.commit(rate_scopes, new)
+        return Admitted(decision, result, tuple(mem.balances(scopes, keys, now)))
 
     async def spend(self, scope_ids: tuple[str, ...] | None = None) -> list[SpendRow]:
         if not self._owner:
@@ -262,7 +305,9 @@ class LocalStore:
         mem = await self._ensure(())  # still started
         return mem.spend(file_rows, scope_ids, self._clock())
 
-    async def balances(self, scopes: tuple[BudgetScope, ...]) -> list[SpendRow]:
+    async def balances(
+        self, scopes: tuple[BudgetScope, ...], *, fresh: bool = False
+    ) -> list[SpendRow]:
         if not scopes:
             return []
         if not self._owner:
@@ -281,12 +326,23 @@ class LocalStore:
 
     # rate windows
 
-    async def rate_acquire(self, scopes: tuple[RateScope, ...], tokens: int) -> RateDecision:
+    async def rate_acquire(
+        self, scopes: tuple[RateScope, ...], tokens: int, requests: int = 1
+    ) -> RateDecision:
         if self._windows is not None:
-            return self._windows.acquire(scopes, tokens)
+            return self._windows.acquire(scopes, tokens, requests)
         if not scopes:
-            return RateDecision(True, 0.0, None, ())
-        return await self._run(self._rate_acquire, scopes, tokens, self._clock())
+            return _ADMITTED
+        return await self._run(self._rate_acquire, scopes, tokens, requests, self._clock())
+
+    async def rate_adjust(
+        self, scopes: tuple[RateScope, ...], requests: int, tokens: int
+    ) -> tuple[RateState, ...]:
+        if self._windows is not None:
+            return self._windows.adjust(scopes, requests, tokens)
+        if not scopes:
+            return ()
+        return await self._run(self._rate_adjust, scopes, requests, tokens, self._clock())
 
     async def rate_add_tokens(self, scopes: tuple[RateScope, ...], tokens: int) -> None:
         if self._windows is not None:
@@ -377,39 +433,73 @@ class LocalStore:
     def _reserve(
         self, request_id: str, scopes: tuple[BudgetScope, ...], amount: int, now: float
     ) -> Reservation | BudgetRejection:
-        def tx(conn: sqlite3.Connection) -> Reservation | BudgetRejection:
-            if conn.execute(
-                "SELECT 1 FROM reservations WHERE request_id = ? "
-                "UNION ALL SELECT 1 FROM settled WHERE request_id = ? LIMIT 1",
-                (request_id, request_id),
-            ).fetchone():
-                raise ValueError(f"request id {request_id!r} was already reserved")
-            for scope in scopes:
-                _release_expired(conn, scope.scope_id, scope.period_key, now)
-            for scope in scopes:
-                if scope.limit_nano is None:
-                    continue
-                spent, reserved = conn.execute(
-                    "SELECT spent_nano, reserved_nano FROM ledger WHERE scope_id = ? AND period_key = ?",
-                    (scope.scope_id, scope.period_key),
-                ).fetchone() or (0, 0)
-                if spent + reserved + amount > scope.limit_nano:
-                    return BudgetRejection(scope, spent, reserved, amount)  # commits the sweep only
-            conn.executemany(_ADD_RESERVED, [(s.scope_id, s.period_key, amount) for s in scopes])
-            conn.executemany(
-                "INSERT INTO reservations VALUES (?, ?, ?, ?, ?)",
-                [(request_id, s.scope_id, s.period_key, amount, now + self._ttl) for s in scopes],
-            )
-            return Reservation(request_id, scopes, amount)
+        return self._transaction(
+            lambda conn: self._reserve_in(conn, request_id, scopes, amount, now)
+        )
+
+    def _reserve_in(
+        self,
+        conn: sqlite3.Connection,
+        request_id: str,
+        scopes: tuple[BudgetScope, ...],
+        amount: int,
+        now: float,
+    ) -> Reservation | BudgetRejection:
+        """The body of a reservation, inside the caller's transaction."""
+        if conn.execute(
+            "SELECT 1 FROM reservations WHERE request_id = ? "
+            "UNION ALL SELECT 1 FROM settled WHERE request_id = ? LIMIT 1",
+            (request_id, request_id),
+        ).fetchone():
+            raise ValueError(f"request id {request_id!r} was already reserved")
+        for scope in scopes:
+            _release_expired(conn, scope.scope_id, scope.period_key, now)
+        for scope in scopes:
+            if scope.limit_nano is None:
+                continue
+            spent, reserved = conn.execute(
+                "SELECT spent_nano, reserved_nano FROM ledger WHERE scope_id = ? AND period_key = ?",
+                (scope.scope_id, scope.period_key),
+            ).fetchone() or (0, 0)
+            if spent + reserved + amount > scope.limit_nano:
+                return BudgetRejection(scope, spent, reserved, amount)  # commits the sweep only
+        conn.executemany(_ADD_RESERVED, [(s.scope_id, s.period_key, amount) for s in scopes])
+        conn.executemany(
+            "INSERT INTO reservations VALUES (?, ?, ?, ?, ?)",
+            [(request_id, s.scope_id, s.period_key, amount, now + self._ttl) for s in scopes],
+        )
+        return Reservation(request_id, scopes, amount)
+
+    def _admit(
+        self,
+        request_id: str,
+        scopes: tuple[BudgetScope, ...],
+        amount: int,
+        rate_scopes: tuple[RateScope, ...],
+        tokens: int,
+        requests: int,
+        now: float,
+    ) -> Admitted:
+        def tx(conn: sqlite3.Connection) -> Admitted:
+            decision, new = _ADMITTED, None
+            if rate_scopes:
+                buckets = self._read_buckets(conn, rate_scopes)
+                decision, new = gcra_decide(rate_scopes, buckets, tokens, now, requests)
+                if new is None:
+                    return Admitted(decision, None)
+            result = self._reserve_in(conn, request_id, scopes, amount, now)
+            if new is not None and isinstance(result, Reservation):
+                self._write_buckets(conn, rate_scopes, new)
+            return Admitted(decision, result, tuple(self._read_balances(conn, scopes, now)))
 
         return self._transaction(tx)
 
-    def _settle(self, reservation: Reservation, actual: int, now: float) -> None:
+    def _settle(self, reservation: Reservation, actual: int, now: float) -> list[SpendRow]:
         request_id = reservation.request_id
 
-        def tx(conn: sqlite3.Connection) -> None:
+        def tx(conn: sqlite3.Connection) -> list[SpendRow]:
             if conn.execute("SELECT 1 FROM settled WHERE request_id = ?", (request_id,)).fetchone():
-                return  # settled before: nothing to do
+                return self._read_balances(conn, reservation.scopes, now)  # settled before
             # Rows already released as expired are gone: for them only the spend is added.
             held = {
                 (scope_id, period_key): amount
@@ -430,8 +520,9 @@ class LocalStore:
             if self._settles % _PURGE_SETTLED_EVERY == 0:
                 conn.execute("DELETE FROM settled WHERE forget_at < ?", (now,))
             conn.execute("INSERT INTO settled VALUES (?, ?)", (request_id, now + self._ttl))
+            return self._read_balances(conn, reservation.scopes, now)
 
-        self._transaction(tx)
+        return self._transaction(tx)
 
     def _spend(self, scope_ids: tuple[str, ...] | None, now: float) -> list[SpendRow]:
         def tx(conn: sqlite3.Connection) -> list[SpendRow]:
@@ -458,7 +549,11 @@ class LocalStore:
     def _balances(self, scopes: tuple[BudgetScope, ...], now: float) -> list[SpendRow]:
         # A read (no write lock): expired reservations are left for the next reserve to
         # release, and subtracted here.
-        conn = self._db()
+        return self._read_balances(self._db(), scopes, now)
+
+    def _read_balances(
+        self, conn: sqlite3.Connection, scopes: tuple[BudgetScope, ...], now: float
+    ) -> list[SpendRow]:
         rows = []
         for s in scopes:
             spent, reserved, expired = conn.execute(
@@ -561,9 +656,12 @@ class LocalStore:
             ],
         )
 
-    def _rate_acquire(self, scopes: tuple[RateScope, ...], tokens: int, now: float) -> RateDecision:
+    def _rate_acquire(
+        self, scopes: tuple[RateScope, ...], tokens: int, requests: int, now: float
+    ) -> RateDecision:
         def tx(conn: sqlite3.Connection) -> RateDecision:
-            decision, new = gcra_decide(scopes, self._read_buckets(conn, scopes), tokens, now)
+            buckets = self._read_buckets(conn, scopes)
+            decision, new = gcra_decide(scopes, buckets, tokens, now, requests)
             if new is not None:
                 self._write_buckets(conn, scopes, new)
             self._rate_calls += 1
@@ -579,6 +677,16 @@ class LocalStore:
             self._write_buckets(conn, scopes, new)
 
         self._transaction(tx)
+
+    def _rate_adjust(
+        self, scopes: tuple[RateScope, ...], requests: int, tokens: int, now: float
+    ) -> tuple[RateState, ...]:
+        def tx(conn: sqlite3.Connection) -> tuple[RateState, ...]:
+            new = gcra_adjust(scopes, self._read_buckets(conn, scopes), requests, tokens, now)
+            self._write_buckets(conn, scopes, new)
+            return states_of(scopes, new)
+
+        return self._transaction(tx)
 
 
 def _release_expired(conn: sqlite3.Connection, scope_id: str, period_key: str, now: float) -> None:

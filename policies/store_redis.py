@@ -8,6 +8,7 @@ slot; the tag is the team name with ``%``, ``{`` and ``}`` percent-encoded)::
     tallygate:{tag}:req:<request_id>                string "r:<call token>" reserved | "s" settled
     tallygate:{tag}:rate:<scope_id>                 hash   at (ms), r, t: GCRA bucket levels
     tallygate:{tag}:once:<key>                      string "<call token>": claim_once's winner
+    tallygate:{tag}:call:<call token>               string: a rate call applied (kept 60 s)
 
 Ledger and reservation sets of a dated period expire 35 days after the period ends
 (never into the past: a caller whose clock is far behind keeps its keys); "total" ones
@@ -23,7 +24,7 @@ connection that died with a Redis restart), on a fresh connection, within the ca
 ``timeout_s``. A retried script may have run already (its reply was lost): settle is a
 no-op the second time (the request is marked settled), reserve recognises its own mark
 (a token per call) and answers "reserved" again, the reads change nothing but expired
-reservations; only the rate scripts could count one request twice (toward limiting).
+reservations; the rate scripts mark their call, so a retry changes nothing more either.
 ``RedisClusterStore`` (policies/store_redis_cluster.py) runs the same scripts on a cluster.
 """
 
@@ -48,10 +49,12 @@ from policies.ratelimit import rate_state
 from policies.store import (
     MAX_AMOUNT_NANO,
     MAX_LEDGER_NANO,
+    Admitted,
     BudgetRejection,
     BudgetScope,
     RateDecision,
     RateScope,
+    RateState,
     Reservation,
     SpendRow,
     StoreError,
@@ -63,6 +66,7 @@ T = TypeVar("T")
 
 PREFIX = "tallygate"
 LEDGER_GRACE_S = 35 * 86400  # a dated period's keys expire this long after it ends
+_ADMITTED = RateDecision(True, 0.0, None, ())  # no rate scopes: nothing to check
 _MAX_CONNECTIONS = 128
 _HEALTH_CHECK_S = 30  # a connection idle longer is PINGed before its next command
 
@@ -91,9 +95,19 @@ local function amount_arg(s)
 end
 """
 
-# Give back what expired reservations of one scope+period hold (crash recovery).
+# The server's clock: ``now`` in whole ms (reservation expiry), ``gnow`` in fractional ms
+# (the rate windows).
+_CLOCK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local gnow = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+"""
+
+# Give back what expired reservations of one scope+period hold (crash recovery); and
+# append the (spent, reserved) of ``n`` scopes, swept, to ``out`` (KEYS from index 2).
 _SWEEP_FN = (
     _BUMP_FN
+    + _CLOCK
     + """
 local function sweep(ledger, zset, now)
   local gone = redis.call('ZRANGEBYSCORE', zset, '-inf', now)
@@ -104,8 +118,15 @@ local function sweep(ledger, zset, now)
     bump(ledger, 'reserved', -total)
   end
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local function ledgers(n, out)
+  for i = 1, n do
+    sweep(KEYS[2 * i], KEYS[2 * i + 1], now)
+    local v = redis.call('HMGET', KEYS[2 * i], 'spent', 'reserved')
+    out[#out + 1] = v[1] or '0'
+    out[#out + 1] = v[2] or '0'
+  end
+  return out
+end
 """
 )
 
@@ -152,22 +173,26 @@ return {1}
 
 # KEYS: req, then (ledger, zset) per scope.
 # ARGV: member, amount, actual, tombstone_ms, then expireat or 0 per scope.
-# Returns 1 settled | 0 already settled before. Amounts are clamped into [0, MAX_AMOUNT].
+# Settles unless already settled (then changes nothing); returns (spent, reserved) per
+# scope after, like _READ_LEDGERS: the remaining budget without a second round trip.
+# Amounts are clamped into [0, MAX_AMOUNT].
 _SETTLE = (
     _SWEEP_FN
     + """
-if redis.call('GET', KEYS[1]) == 's' then return 0 end
-local amount, actual = amount_arg(ARGV[2]), amount_arg(ARGV[3])
-for i = 1, (#KEYS - 1) / 2 do
-  local ledger, zset, expireat = KEYS[2 * i], KEYS[2 * i + 1], tonumber(ARGV[4 + i])
-  if redis.call('ZREM', zset, ARGV[1]) == 1 then
-    bump(ledger, 'reserved', -amount)
+local n = (#KEYS - 1) / 2
+if redis.call('GET', KEYS[1]) ~= 's' then
+  local amount, actual = amount_arg(ARGV[2]), amount_arg(ARGV[3])
+  for i = 1, n do
+    local ledger, zset, expireat = KEYS[2 * i], KEYS[2 * i + 1], tonumber(ARGV[4 + i])
+    if redis.call('ZREM', zset, ARGV[1]) == 1 then
+      bump(ledger, 'reserved', -amount)
+    end
+    bump(ledger, 'spent', actual)
+    if expireat > now / 1000 then redis.call('EXPIREAT', ledger, expireat) end
   end
-  bump(ledger, 'spent', actual)
-  if expireat > now / 1000 then redis.call('EXPIREAT', ledger, expireat) end
+  redis.call('SET', KEYS[1], 's', 'PX', ARGV[4])
 end
-redis.call('SET', KEYS[1], 's', 'PX', ARGV[4])
-return 1
+return ledgers(n, {})
 """
 )
 
@@ -188,19 +213,24 @@ return out
 )
 
 # GCRA as a leaky bucket, the arithmetic of policies/ratelimit.py with times in ms.
-_GCRA_FN = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+# rate_check(kb, n, ab, tokens, requests): the decision for ``requests`` requests costing
+# ``tokens`` against the buckets KEYS[kb + i] with (rpm or 0, tpm or 0) at ARGV[ab + 2i - 1],
+# ARGV[ab + 2i], i = 1..n; rate_commit stores it, rate_levels appends the levels to ``out``.
+_CALL_MARK_MS = 60_000
+_GCRA_DEFS = f"""
+local CALL_MARK_MS = {_CALL_MARK_MS}
+"""
+_GCRA_DEFS += """
 local W, EPS = 60000, 1e-6
 local function fmt(x) return string.format('%.17g', x) end
 local function drain(key, rpm, tpm)
   local v = redis.call('HMGET', key, 'at', 'r', 't')
-  local at = tonumber(v[1]) or now
-  local elapsed = math.max(0, now - at)
+  local at = tonumber(v[1]) or gnow
+  local elapsed = math.max(0, gnow - at)
   local r, tk = tonumber(v[2]) or 0, tonumber(v[3]) or 0
   if rpm > 0 then r = math.max(0, r - elapsed * rpm / W) end
   if tpm > 0 then tk = math.max(0, tk - elapsed * tpm / W) end
-  return math.max(now, at), r, tk
+  return math.max(gnow, at), r, tk
 end
 local function wait_for(level, limit)
   local over = level - limit
@@ -214,39 +244,86 @@ local function store(key, at, r, tk, rpm, tpm)
   redis.call('HSET', key, 'at', fmt(at), 'r', fmt(r), 't', fmt(tk))
   redis.call('PEXPIREAT', key, string.format('%d', math.ceil(at + empty)))
 end
+local function rate_check(kb, n, ab, tokens, requests)
+  local c = {at = {}, lr = {}, lt = {}, nr = {}, nt = {}, retry = 0, limited = '', n = n}
+  for i = 1, n do
+    local rpm, tpm = tonumber(ARGV[ab + 2 * i - 1]), tonumber(ARGV[ab + 2 * i])
+    c.at[i], c.lr[i], c.lt[i] = drain(KEYS[kb + i], rpm, tpm)
+    c.nr[i], c.nt[i] = c.lr[i], c.lt[i]
+    if rpm > 0 then
+      c.nr[i] = c.lr[i] + requests
+      local wait = wait_for(c.nr[i], rpm)
+      if requests > rpm then wait = W end
+      if wait > c.retry then c.retry, c.limited = wait, 'requests' end
+    end
+    if tpm > 0 and tokens > 0 then
+      c.nt[i] = c.lt[i] + tokens
+      local wait = wait_for(c.nt[i], tpm)
+      if tokens > tpm then wait = W end
+      if wait > c.retry then c.retry, c.limited = wait, 'tokens' end
+    end
+  end
+  return c
+end
+local function rate_commit(c, kb, ab)
+  for i = 1, c.n do
+    local rpm, tpm = tonumber(ARGV[ab + 2 * i - 1]), tonumber(ARGV[ab + 2 * i])
+    store(KEYS[kb + i], c.at[i], c.nr[i], c.nt[i], rpm, tpm)
+  end
+end
+local function rate_levels(c, committed, out)
+  for i = 1, c.n do
+    if committed then
+      out[#out + 1] = fmt(c.nr[i])
+      out[#out + 1] = fmt(c.nt[i])
+    else
+      out[#out + 1] = fmt(c.lr[i])
+      out[#out + 1] = fmt(c.lt[i])
+    end
+  end
+  return out
+end
 """
+_GCRA_FN = _CLOCK + _GCRA_DEFS
 
-# KEYS: rate hash per scope. ARGV: tokens, then (rpm or 0, tpm or 0) per scope.
-# Returns {allowed 1|0, retry_ms, limited_by or '', then (level_r, level_t) per scope}.
+# The rate scripts mark the call (KEYS' last: "call:<token>", kept CALL_MARK_MS) when they
+# change the windows: a retry of the same call (its reply was lost) changes nothing more.
+
+# KEYS: rate hash per scope, then the call mark. ARGV: tokens, requests, then (rpm or 0,
+# tpm or 0) per scope. Returns {allowed 1|0, retry_ms, limited_by or '', then (level_r,
+# level_t) per scope}.
 _RATE_ACQUIRE = (
     _GCRA_FN
     + """
-local tokens = tonumber(ARGV[1])
-local at, lr, lt, nr, nt = {}, {}, {}, {}, {}
-local retry, limited = 0, ''
-for i = 1, #KEYS do
-  local rpm, tpm = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  at[i], lr[i], lt[i] = drain(KEYS[i], rpm, tpm)
-  nr[i], nt[i] = lr[i], lt[i]
-  if rpm > 0 then
-    nr[i] = lr[i] + 1
-    local wait = wait_for(nr[i], rpm)
-    if wait > retry then retry, limited = wait, 'requests' end
-  end
-  if tpm > 0 and tokens > 0 then
-    nt[i] = lt[i] + tokens
-    local wait = wait_for(nt[i], tpm)
-    if tokens > tpm then wait = W end
-    if wait > retry then retry, limited = wait, 'tokens' end
-  end
+local mark = KEYS[#KEYS]
+local c = rate_check(0, #KEYS - 1, 2, tonumber(ARGV[1]), tonumber(ARGV[2]))
+if redis.call('EXISTS', mark) == 1 then return rate_levels(c, false, {1, '0', ''}) end
+local allowed = c.limited == ''
+if allowed then
+  rate_commit(c, 0, 2)
+  redis.call('SET', mark, '1', 'PX', CALL_MARK_MS)
 end
-local allowed = limited == ''
-local out = {allowed and 1 or 0, fmt(retry), limited}
-for i = 1, #KEYS do
-  local r, tk = lr[i], lt[i]
-  if allowed then
-    r, tk = nr[i], nt[i]
-    store(KEYS[i], at[i], r, tk, tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1]))
+return rate_levels(c, allowed, {allowed and 1 or 0, fmt(c.retry), c.limited})
+"""
+)
+
+# KEYS: rate hash per scope, then the call mark. ARGV: requests, tokens (signed), then
+# (rpm or 0, tpm or 0) per scope. Adds them to the drained levels (never below 0): giving
+# capacity back twice would let more through than the limit, hence the mark. Returns
+# (level_r, level_t) per scope after.
+_RATE_ADJUST = (
+    _GCRA_FN
+    + """
+local dr, dt = tonumber(ARGV[1]), tonumber(ARGV[2])
+local first = redis.call('SET', KEYS[#KEYS], '1', 'NX', 'PX', CALL_MARK_MS)
+local out = {}
+for i = 1, #KEYS - 1 do
+  local rpm, tpm = tonumber(ARGV[1 + 2 * i]), tonumber(ARGV[2 + 2 * i])
+  local at, r, tk = drain(KEYS[i], rpm, tpm)
+  if first then
+    if rpm > 0 then r = math.max(0, r + dr) end
+    if tpm > 0 then tk = math.max(0, tk + dt) end
+    store(KEYS[i], at, r, tk, rpm, tpm)
   end
   out[#out + 1] = fmt(r)
   out[#out + 1] = fmt(tk)
@@ -255,17 +332,61 @@ return out
 """
 )
 
-# KEYS: rate hash per scope. ARGV: tokens, then (rpm or 0, tpm or 0) per scope.
-_RATE_ADD_TOKENS = (
-    _GCRA_FN
+# A request's whole admission: the rate windows, then the budget, all or nothing.
+# KEYS: req, (ledger, zset) per budget scope, then a rate hash per rate scope.
+# ARGV: member, amount, ttl_ms, call token, budget scopes nb, rate scopes nr, tokens,
+# requests, then (limit or '', expireat or 0) per budget scope, (rpm or 0, tpm or 0) per
+# rate scope. Returns {rate allowed 1|0, retry_ms, limited_by or '', budget, index, then
+# (spent, reserved) per budget scope unless budget is 2, then (level_r, level_t) per rate
+# scope}; budget: 1 reserved | 0 refused by scope ``index`` | 2 not tried (the rate
+# windows refused) | -1 request id in use | -2 amount outside [0, MAX_AMOUNT]. A retry of
+# the same call (its reply was lost) finds its own mark and changes nothing more.
+_ADMIT = (
+    _SWEEP_FN
+    + _GCRA_DEFS
     + """
-local tokens = tonumber(ARGV[1])
-for i = 1, #KEYS do
-  local rpm, tpm = tonumber(ARGV[2 * i]), tonumber(ARGV[2 * i + 1])
-  local at, r, tk = drain(KEYS[i], rpm, tpm)
-  store(KEYS[i], at, r, tk + tokens, rpm, tpm)
+local amount = tonumber(ARGV[2])
+if not amount or amount < 0 or amount > MAX_AMOUNT then return {1, '0', '', -2, 0} end
+local nb, nr = tonumber(ARGV[5]), tonumber(ARGV[6])
+local rb, ab = 1 + 2 * nb, 8 + 2 * nb
+local mark = 'r:' .. ARGV[4]
+local held = redis.call('GET', KEYS[1])
+if held and held ~= mark then return {1, '0', '', -1, 0} end
+local c = rate_check(rb, nr, ab, tonumber(ARGV[7]), tonumber(ARGV[8]))
+if held == mark then
+  return rate_levels(c, false, ledgers(nb, {1, '0', '', 1, 0}))
 end
-return 1
+if c.limited ~= '' then
+  return rate_levels(c, false, {0, fmt(c.retry), c.limited, 2, 0})
+end
+for i = 1, nb do sweep(KEYS[2 * i], KEYS[2 * i + 1], now) end
+local refused = 0
+for i = 1, nb do
+  local limit = ARGV[7 + 2 * i]
+  if limit ~= '' then
+    local v = redis.call('HMGET', KEYS[2 * i], 'spent', 'reserved')
+    if (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0) + amount > tonumber(limit) then
+      refused = i
+      break
+    end
+  end
+end
+if refused == 0 then
+  local ttl = tonumber(ARGV[3])
+  for i = 1, nb do
+    local ledger, zset, expireat = KEYS[2 * i], KEYS[2 * i + 1], tonumber(ARGV[8 + 2 * i])
+    bump(ledger, 'reserved', amount)
+    redis.call('ZADD', zset, int(now + ttl), ARGV[1])
+    if expireat > now / 1000 then
+      redis.call('EXPIREAT', ledger, expireat)
+      redis.call('EXPIREAT', zset, expireat)
+    end
+  end
+  redis.call('SET', KEYS[1], mark, 'PX', int(2 * ttl))
+  rate_commit(c, rb, ab)
+end
+local out = ledgers(nb, {1, '0', '', refused == 0 and 1 or 0, refused})
+return rate_levels(c, refused == 0, out)
 """
 )
 
@@ -308,6 +429,11 @@ def rate_key(group: str, scope_id: str) -> str:
 
 def claim_key(group: str, key: str) -> str:
     return f"{PREFIX}:{{{hash_tag(group)}}}:once:{key}"
+
+
+def _call_key(group: str) -> str:
+    """A fresh mark for one rate call: its retry finds it and changes nothing more."""
+    return f"{PREFIX}:{{{hash_tag(group)}}}:call:{os.urandom(8).hex()}"
 
 
 class RedisStore:
@@ -357,7 +483,8 @@ class RedisStore:
                 ("settle", _SETTLE),
                 ("read_ledgers", _READ_LEDGERS),
                 ("rate_acquire", _RATE_ACQUIRE),
-                ("rate_add_tokens", _RATE_ADD_TOKENS),
+                ("rate_adjust", _RATE_ADJUST),
+                ("admit", _ADMIT),
                 ("claim_once", _CLAIM_ONCE),
             )
         }
@@ -398,17 +525,65 @@ class RedisStore:
             raise ValueError(f"amount_nano {amount_nano} refused by the store's bound")
         return BudgetRejection(scopes[result[1] - 1], int(result[2]), int(result[3]), amount_nano)
 
-    async def settle(self, reservation: Reservation, actual_nano: int) -> None:
+    async def settle(self, reservation: Reservation, actual_nano: int) -> list[SpendRow]:
         actual_nano = clamp_actual(reservation.request_id, actual_nano)
         scopes = reservation.scopes
         if not scopes:
-            return
+            return []
         group = _one_group(scopes)
         request_id, amount = reservation.request_id, reservation.amount_nano
         keys = [request_key(group, request_id), *_budget_keys(group, scopes)]
         args = [_member(request_id, amount), amount, actual_nano, self._ttl_ms]
         args += [_expire_at(s) for s in scopes]
-        await self._script("settle", keys, args)
+        return _rows(scopes, await self._script("settle", keys, args), 0)
+
+    async def admit(
+        self,
+        request_id: str,
+        scopes: tuple[BudgetScope, ...],
+        amount_nano: int,
+        rate_scopes: tuple[RateScope, ...] = (),
+        tokens: int = 0,
+        requests: int = 1,
+    ) -> Admitted:
+        check_reserve_amount(amount_nano)
+        _distinct(scopes)
+        _distinct(rate_scopes)
+        if not scopes and not rate_scopes:
+            return Admitted(_ADMITTED, Reservation(request_id, scopes, amount_nano))
+        group = _one_group((*scopes, *rate_scopes))
+        keys = [request_key(group, request_id), *_budget_keys(group, scopes)]
+        keys += [rate_key(group, s.scope_id) for s in rate_scopes]
+        token = os.urandom(8).hex()  # this call's mark: a retry of it is not "in use"
+        args: list[Any] = [_member(request_id, amount_nano), amount_nano, self._ttl_ms, token]
+        args += [len(scopes), len(rate_scopes), tokens, requests]
+        for s in scopes:
+            args += ["" if s.limit_nano is None else s.limit_nano, _expire_at(s)]
+        for r in rate_scopes:
+            args += [r.rpm or 0, r.tpm or 0]
+        out = await self._script("admit", keys, args)
+        status = out[3]
+        if status == -1:
+            raise ValueError(f"request id {request_id!r} was already reserved")
+        if status == -2:
+            raise ValueError(f"amount_nano {amount_nano} refused by the store's bound")
+        levels = 5 if status == 2 else 5 + 2 * len(scopes)
+        decision = RateDecision(
+            out[0] == 1,
+            float(out[1]) / 1000,
+            out[2].decode() if out[2] else None,
+            _states(rate_scopes, out, levels),
+        )
+        if status == 2:
+            return Admitted(decision, None)
+        rows = tuple(_rows(scopes, out, 5))
+        if status == 1:
+            return Admitted(decision, Reservation(request_id, scopes, amount_nano), rows)
+        refused = rows[out[4] - 1]
+        rejection = BudgetRejection(
+            scopes[out[4] - 1], refused.spent_nano, refused.reserved_nano, amount_nano
+        )
+        return Admitted(decision, rejection, rows)
 
     async def spend(self, scope_ids: tuple[str, ...] | None = None) -> list[SpendRow]:
         """Scans the ledger keys (an admin call, O(keyspace)); releases expired reservations
@@ -428,45 +603,48 @@ class RedisStore:
         rows.sort(key=lambda r: (r.scope_id, r.period_key))
         return rows
 
-    async def balances(self, scopes: tuple[BudgetScope, ...]) -> list[SpendRow]:
+    async def balances(
+        self, scopes: tuple[BudgetScope, ...], *, fresh: bool = False
+    ) -> list[SpendRow]:
         if not scopes:
             return []
         out = await self._script("read_ledgers", _budget_keys(_one_group(scopes), scopes), [])
-        return [
-            SpendRow(s.scope_id, s.period_key, int(out[2 * i]), int(out[2 * i + 1]))
-            for i, s in enumerate(scopes)
-        ]
+        return _rows(scopes, out, 0)
 
     # rate windows
 
-    async def rate_acquire(self, scopes: tuple[RateScope, ...], tokens: int) -> RateDecision:
+    async def rate_acquire(
+        self, scopes: tuple[RateScope, ...], tokens: int, requests: int = 1
+    ) -> RateDecision:
         if not scopes:
-            return RateDecision(True, 0.0, None, ())
+            return _ADMITTED
         _distinct(scopes)
         group = _one_group(scopes)
-        args: list[Any] = [tokens]
+        args: list[Any] = [tokens, requests]
         for s in scopes:
             args += [s.rpm or 0, s.tpm or 0]
-        out = await self._script(
-            "rate_acquire", [rate_key(group, s.scope_id) for s in scopes], args
-        )
-        states = tuple(
-            rate_state(s, float(out[3 + 2 * i]), float(out[4 + 2 * i]))
-            for i, s in enumerate(scopes)
-        )
+        keys = [rate_key(group, s.scope_id) for s in scopes] + [_call_key(group)]
+        out = await self._script("rate_acquire", keys, args)
         limited_by = out[2].decode() if out[2] else None
-        return RateDecision(out[0] == 1, float(out[1]) / 1000, limited_by, states)
+        return RateDecision(out[0] == 1, float(out[1]) / 1000, limited_by, _states(scopes, out, 3))
 
     async def rate_add_tokens(self, scopes: tuple[RateScope, ...], tokens: int) -> None:
         scopes = tuple(s for s in scopes if s.tpm is not None)
-        if not scopes or tokens <= 0:
-            return
+        if scopes and tokens > 0:
+            await self.rate_adjust(scopes, 0, tokens)
+
+    async def rate_adjust(
+        self, scopes: tuple[RateScope, ...], requests: int, tokens: int
+    ) -> tuple[RateState, ...]:
+        if not scopes:
+            return ()
         group = _one_group(scopes)
-        keys = [rate_key(group, s.scope_id) for s in scopes]
-        args: list[Any] = [tokens]
+        args: list[Any] = [requests, tokens]
         for s in scopes:
             args += [s.rpm or 0, s.tpm or 0]
-        await self._script("rate_add_tokens", keys, args)
+        keys = [rate_key(group, s.scope_id) for s in scopes] + [_call_key(group)]
+        out = await self._script("rate_adjust", keys, args)
+        return _states(scopes, out, 0)
 
     async def claim_once(self, key: str, group: str, ttl_s: float | None) -> bool:
         ttl_ms = 0 if ttl_s is None else max(1, round(ttl_s * 1000))
@@ -509,14 +687,30 @@ def recovery_retry() -> Retry:
     )
 
 
-def _one_group(scopes: tuple[BudgetScope, ...] | tuple[RateScope, ...]) -> str:
+def _rows(scopes: tuple[BudgetScope, ...], out: list[Any], at: int) -> list[SpendRow]:
+    """(spent, reserved) pairs of a script's reply from index ``at``, as rows of ``scopes``."""
+    return [
+        SpendRow(s.scope_id, s.period_key, int(out[at + 2 * i]), int(out[at + 2 * i + 1]))
+        for i, s in enumerate(scopes)
+    ]
+
+
+def _states(scopes: tuple[RateScope, ...], out: list[Any], at: int) -> tuple[RateState, ...]:
+    """(level_r, level_t) pairs of a script's reply from index ``at``, as rate states."""
+    return tuple(
+        rate_state(s, float(out[at + 2 * i]), float(out[at + 2 * i + 1]))
+        for i, s in enumerate(scopes)
+    )
+
+
+def _one_group(scopes: tuple[BudgetScope | RateScope, ...]) -> str:
     group = scopes[0].group
     if any(s.group != group for s in scopes):
         raise ValueError("every scope of one request must share its group (one hash tag)")
     return group
 
 
-def _distinct(scopes: tuple[BudgetScope, ...] | tuple[RateScope, ...]) -> None:
+def _distinct(scopes: tuple[BudgetScope | RateScope, ...]) -> None:
     if len({s.scope_id for s in scopes}) != len(scopes):
         raise ValueError("a request's scopes must have distinct scope ids")
 

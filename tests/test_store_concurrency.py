@@ -1,4 +1,5 @@
-"""Concurrent reservations never pass a limit together: tasks, OS processes, two Redis clients; outages."""
+"""Concurrent reservations never pass a limit together: tasks, OS processes, two Redis clients,
+each bare and with leases (policies/leases.py); outages."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Any
 import pytest
 
 from policies.config import StoreConfig
+from policies.leases import LeasedStore
 from policies.store import (
     BudgetRejection,
     BudgetScope,
@@ -66,6 +68,9 @@ async def hammer(
 
 
 async def check_invariants(store: Store, costs: list[int], actual: Callable[[int], int]) -> None:
+    if isinstance(store, LeasedStore):
+        await store.reap()  # lease calls still in flight finish
+        store = store.inner  # the store's own figures, not this process's view
     rows = await store.spend(("team:search",))
     assert rows == [SpendRow("team:search", "2026-11", sum(costs), 0)]
     assert sum(costs) <= LIMIT
@@ -75,10 +80,11 @@ async def check_invariants(store: Store, costs: list[int], actual: Callable[[int
         assert len(costs) >= LIMIT // AMOUNT
 
 
-@pytest.fixture(params=["local", "redis"])
+@pytest.fixture(params=["local", "redis", "leased-local", "leased-redis"])
 async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    """Two clients of one store: two LocalStores on one file, or two RedisStores on one server."""
-    if request.param == "local":
+    """Two clients of one store: two LocalStores on one file, or two RedisStores on one
+    server; bare, or leased as open_store gives them to two gateway processes."""
+    if request.param.endswith("local"):
         config = StoreConfig(path=str(tmp_path / "ledger.db"))
         opened: list[Store] = [LocalStore(config, processes=2), LocalStore(config, processes=2)]
     else:
@@ -87,6 +93,8 @@ async def stores(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
         server.flushall()
         config = StoreConfig(backend="redis", redis_url=server.url)
         opened = [RedisStore(config), RedisStore(config)]  # as two gateway replicas would
+    if request.param.startswith("leased-"):
+        opened = [LeasedStore(store, config) for store in opened]
     for store in opened:
         await store.start()
     try:
@@ -109,6 +117,8 @@ async def test_concurrent_reservations_two_clients(
     stores: list[Store], actual: Callable[[int], int]
 ) -> None:
     costs = await hammer(stores, "two", TASKS, actual)
+    if isinstance(stores[0], LeasedStore):
+        await stores[0].reap()
     await check_invariants(stores[1], costs, actual)
 
 
@@ -125,12 +135,16 @@ async def test_concurrent_rate_acquire_two_clients(stores: list[Store]) -> None:
 PROCESSES = 4
 
 
-def _process_main(path: str, worker: int, actual_name: str, barrier: Any, results: Any) -> None:
+def _process_main(
+    path: str, worker: int, actual_name: str, barrier: Any, results: Any, leased: bool = False
+) -> None:
     actual = {"exact": exact, "varied": varied}[actual_name]
 
     async def main() -> tuple[list[int], int]:
         # a frozen clock: the rate bucket does not refill while processes start at different times
-        store = LocalStore(StoreConfig(path=path), processes=PROCESSES, clock=lambda: NOW)
+        store: Store = LocalStore(StoreConfig(path=path), processes=PROCESSES, clock=lambda: NOW)
+        if leased:  # as open_store gives it to a gateway worker (with the frozen clock)
+            store = LeasedStore(store, StoreConfig(path=path), clock=lambda: NOW)
         await store.start()
         try:
             await asyncio.to_thread(barrier.wait)
@@ -143,13 +157,14 @@ def _process_main(path: str, worker: int, actual_name: str, barrier: Any, result
     results.put((worker, *asyncio.run(main())))
 
 
+@pytest.mark.parametrize("leased", [False, True], ids=["bare", "leased"])
 @pytest.mark.parametrize("actual_name", ["exact", "varied"])
-def test_processes_share_one_sqlite_file(tmp_path: Path, actual_name: str) -> None:
+def test_processes_share_one_sqlite_file(tmp_path: Path, actual_name: str, leased: bool) -> None:
     ctx = multiprocessing.get_context("spawn")
     barrier, results = ctx.Barrier(PROCESSES), ctx.Queue()
     path = str(tmp_path / "ledger.db")
     procs = [
-        ctx.Process(target=_process_main, args=(path, w, actual_name, barrier, results))
+        ctx.Process(target=_process_main, args=(path, w, actual_name, barrier, results, leased))
         for w in range(PROCESSES)
     ]
     for proc in procs:

@@ -1,5 +1,7 @@
 """The store contract: one suite, run against LocalStore (SQLite), RedisStore (a real
-redis-server) and RedisClusterStore (a real 3-master Redis Cluster)."""
+redis-server) and RedisClusterStore (a real 3-master Redis Cluster), each bare and wrapped
+in a LeasedStore (what a gateway gets when several processes share the budgets: the local
+store with several workers, Redis always)."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import pytest
 
 from policies.budget import budget_scopes, rate_scopes
 from policies.config import BudgetConfig, RateLimitConfig, StoreConfig
+from policies.leases import LeasedStore
 from policies.store import (
     MAX_AMOUNT_NANO,
     BudgetRejection,
@@ -73,19 +76,46 @@ class Kit:
     async def pass_time(self, seconds: float) -> None:
         """Local stores follow the injected clock; Redis follows its own (real) one."""
         self.clock.now += seconds
-        if self.backend != "local":
+        if not self.backend.endswith("local"):
             await asyncio.sleep(seconds)
 
 
-@pytest.fixture(params=["local", "redis", "redis_cluster"])
+BACKENDS = ["local", "redis", "redis_cluster"]
+
+
+@pytest.fixture(params=BACKENDS + [f"leased-{b}" for b in BACKENDS])
 async def kit(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Kit]:
     clock = FakeClock(NOV_26)
-    if request.param == "local":
+    backend = request.param.removeprefix("leased-")
+    opener = _opener(request, backend, clock, tmp_path)
+    if request.param.startswith("leased-"):
+        bare = opener
+
+        def opener(ttl: float) -> Store:
+            inner = bare(ttl)
+            return LeasedStore(inner, StoreConfig(reservation_ttl_s=ttl), clock=clock)
+
+    kit = Kit(request.param, clock, opener)
+    await kit.open()
+    try:
+        yield kit
+    finally:
+        for store in kit.stores:
+            await store.close()
+
+
+def _opener(
+    request: pytest.FixtureRequest, backend: str, clock: FakeClock, tmp_path: Path
+) -> Callable[[float], Store]:
+    """Opens a bare store of ``backend``: the local one as one of two workers when it is
+    to be leased (as open_store builds it), as the only one otherwise."""
+    if backend == "local":
+        processes = 2 if request.param.startswith("leased-") else 1
 
         def opener(ttl: float) -> Store:
             config = StoreConfig(path=str(tmp_path / "ledger.db"), reservation_ttl_s=ttl)
-            return LocalStore(config, clock=clock)
-    elif request.param == "redis":
+            return LocalStore(config, processes=processes, clock=clock)
+    elif backend == "redis":
         require_redis_server()
         server: RedisServer = request.getfixturevalue("redis_server")
         server.flushall()
@@ -104,13 +134,7 @@ async def kit(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[K
             )
             return RedisClusterStore(config, clock=clock)
 
-    kit = Kit(request.param, clock, opener)
-    await kit.open()
-    try:
-        yield kit
-    finally:
-        for store in kit.stores:
-            await store.close()
+    return opener
 
 
 def scope(
@@ -533,10 +557,21 @@ async def test_calls_before_start_raise_store_error(kit: Kit) -> None:
 
 
 def test_open_store_picks_the_backend(tmp_path: Path) -> None:
-    local = open_store(StoreConfig(path=str(tmp_path / "x.db")), processes=2)
-    assert isinstance(local, LocalStore)
-    assert type(open_store(StoreConfig(backend="redis"))) is RedisStore
-    assert isinstance(open_store(StoreConfig(backend="redis_cluster")), RedisClusterStore)
+    config = StoreConfig(path=str(tmp_path / "x.db"))
+    # a gateway (processes given): leases whenever other processes share the budgets
+    one = open_store(config, processes=1)
+    assert type(one) is LocalStore  # one worker: the in-memory ledger, exact without leases
+    two = open_store(config, processes=2)
+    assert isinstance(two, LeasedStore) and type(two.inner) is LocalStore
+    for shared, cls in (
+        (StoreConfig(backend="redis"), RedisStore),
+        (StoreConfig(backend="redis_cluster"), RedisClusterStore),
+    ):
+        leased = open_store(shared, processes=1)
+        assert isinstance(leased, LeasedStore) and type(leased.inner) is cls
+        # a tool reading the store (tallygate spend): the bare backend
+        assert type(open_store(shared)) is cls
+    assert type(open_store(config)) is LocalStore
 
 
 async def test_redis_keys_carry_the_team_hash_tag_and_expire(redis_server: RedisServer) -> None:

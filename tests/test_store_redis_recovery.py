@@ -179,16 +179,32 @@ async def test_a_settle_whose_reply_was_lost_is_retried_and_applied_once(
     ]
 
 
-async def test_a_rate_acquire_whose_reply_was_lost_counts_toward_limiting(
+async def test_a_rate_acquire_whose_reply_was_lost_is_counted_once(
     store: RedisStore, dropper: ReplyDropper
 ) -> None:
     scopes = (RateScope("team:search", "search", 10, None),)
     await store.rate_acquire((RateScope("team:other", "other", 10, None),), 0)  # loads it
     dropper.armed = True
-    decision = await store.rate_acquire(scopes, 0)
+    decision = await store.rate_acquire(scopes, 0, requests=3)  # a lease of three requests
     assert dropper.dropped == 1
-    # documented: the request is counted twice (never fewer): a stricter window, no money
-    assert decision.allowed and decision.states[0].remaining_requests == 8
+    # the retry found the call's mark: counted once, answered "allowed" again
+    assert decision.allowed and decision.states[0].remaining_requests == 7
+    (state,) = await store.rate_adjust(scopes, 0, 0)
+    assert state.remaining_requests == 7
+
+
+async def test_capacity_given_back_whose_reply_was_lost_is_given_back_once(
+    store: RedisStore, dropper: ReplyDropper
+) -> None:
+    scopes = (RateScope("team:search", "search", 10, None),)
+    assert (await store.rate_acquire(scopes, 0, requests=6)).allowed
+    dropper.armed = True
+    (state,) = await store.rate_adjust(scopes, -2, 0)  # a lease's two unused requests
+    assert dropper.dropped == 1
+    # given back twice would leave room for 6 and let more through than the limit
+    assert state.remaining_requests == 6
+    (state,) = await store.rate_adjust(scopes, 0, 0)
+    assert state.remaining_requests == 6
 
 
 async def test_an_outage_fails_fast_and_the_same_store_reconnects(redis: RedisServer) -> None:
