@@ -123,18 +123,29 @@ def test_two_workers_share_the_ledger_and_the_metrics(tmp_path: Path) -> None:
             )
             assert r.status_code == 200
             costs.append(Decimal(r.headers["x-tallygate-cost-usd"]))
-        scrapes = {
-            line
-            for _ in range(4)
-            for line in h.get(f"{server.url}/metrics").text.splitlines()
-            if line.startswith("tallygate_requests_total{")
-            and 'http_response_status_code="200"' in line
-        }
+
+        def scrapes() -> set[str]:
+            return {
+                line
+                for _ in range(4)
+                for line in h.get(f"{server.url}/metrics").text.splitlines()
+                if line.startswith("tallygate_requests_total{")
+                and 'http_response_status_code="200"' in line
+            }
+
+        def summed() -> bool:
+            seen = scrapes()
+            return len(seen) == 1 and next(iter(seen)).endswith(" 20.0")
+
+        # a worker writes its counts for the others' scrapes once a second
+        # (gateway/prometheus.py FLUSH_EVERY_S): the sum shows within that
+        wait_until(summed, within=5, what="both workers' counts in every scrape")
+        final = scrapes()
         spend = h.get(
             f"{server.url}/admin/spend", headers={"authorization": "Bearer sk-admin-demo"}
         ).json()
     # every scrape, whichever worker answers it, shows the sum over both workers
-    assert len(scrapes) == 1 and scrapes.pop().endswith(" 20.0")
+    assert len(final) == 1 and final.pop().endswith(" 20.0")
     team = next(r for r in spend["data"] if r["key"] is None and r["team"] == "demo")
     assert Decimal(team["spent_usd"]) == sum(costs)
     assert len([x for x in server.stdout.splitlines() if x.startswith("{")]) == 20

@@ -130,3 +130,49 @@ async def test_a_scrape_merges_all_workers(tmp_path: Path, monkeypatch: pytest.M
         r'gen_ai_client_token_usage_sum\{[^}]*gen_ai_token_type="input"[^}]*\} (\S+)', text
     )
     assert tokens is not None and float(tokens.group(1)) == 7 * 21
+
+
+# --- multiprocess mode writes deferred values: the same exposition once flushed ----------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from prometheus_client import generate_latest  # noqa: E402
+
+from gateway.prometheus import MetricSpec, PrometheusMetrics  # noqa: E402
+
+SPECS = (
+    MetricSpec("t.count", "counter", "{request}", "c", ("team",)),
+    MetricSpec("t.seconds", "histogram", "s", "h", ("team",), buckets=(0.01, 0.1, 1.0)),
+)
+VALUES = st.lists(
+    st.tuples(
+        st.sampled_from(["a", "b"]),
+        st.sampled_from([0.0, 0.01, 0.05, 0.1, 0.5, 1.0, 2.0]) | st.floats(0, 5),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=50, deadline=None)
+@given(values=VALUES)
+def test_deferred_records_flush_to_what_immediate_ones_write(values, tmp_path_factory) -> None:
+    directory = tmp_path_factory.mktemp("prom")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PROMETHEUS_MULTIPROC_DIR", str(directory))
+        deferred = PrometheusMetrics(SPECS, workers=2)
+    immediate = PrometheusMetrics(SPECS, workers=1)
+    assert deferred.deferred and not immediate.deferred
+    for team, v in values:
+        for metrics in (deferred, immediate):
+            metrics.instruments["t.count"].record(1, {"team": team})
+            metrics.instruments["t.seconds"].record(v, {"team": team})
+    deferred.flush()
+    assert samples(deferred) == samples(immediate)
+    deferred.flush()  # nothing pending: nothing counted twice
+    assert samples(deferred) == samples(immediate)
+    assert any("t_seconds_bucket" in line for line in samples(immediate)) == bool(values)
+
+
+def samples(metrics: PrometheusMetrics) -> list[str]:
+    text = generate_latest(metrics._registry).decode()
+    return [line for line in text.splitlines() if "_created" not in line]
