@@ -10,15 +10,14 @@ concurrent requests (and workers sharing stdout) never interleave within a line.
 from __future__ import annotations
 
 import asyncio
-import functools
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from decimal import Decimal
 from typing import Any, Literal, TextIO
 
 import orjson
 
 from gateway.context import RequestContext
+from gateway.iso_time import iso_utc
+from pricing.cost import format_usd
 
 FIELDS = (
     "timestamp",
@@ -49,30 +48,10 @@ FIELDS = (
 
 @dataclass(frozen=True, slots=True)
 class ClientStrings:
-    """The line's fields that a client controls, after the redactor (gateway.telemetry)."""
+    """The line's fields that a client controls, after the redactor (gateway.telemetry_record)."""
 
     model: str | None
     error_message: str | None
-
-
-def iso_utc(unix_s: float) -> str:
-    """ISO-8601 UTC with milliseconds and a `Z`: 2025-06-01T12:00:00.123Z."""
-    whole = int(unix_s)
-    ms = int((unix_s - whole) * 1000)
-    return f"{_iso_second(whole)}.{ms:03d}Z"
-
-
-@functools.lru_cache(maxsize=4)
-def _iso_second(whole: int) -> str:
-    # one formatting per second, however many lines share it
-    return datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-
-
-def usd(nano: int | None) -> str | None:
-    """Nano-USD → an exact decimal string ("0.000123450"); never a float."""
-    if nano is None:
-        return None
-    return format(Decimal(nano).scaleb(-9), "f")
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -86,22 +65,23 @@ def access_record(
     span_id: str | None,
     end_unix: float,
     latency_s: float,
-    overhead_s: float,
+    ttft_s: float | None,
+    overhead_ms: float,
     client: ClientStrings | None = None,
 ) -> dict[str, Any]:
-    """The access line's fields, in FIELDS order. `end_unix` is the timestamp. `client`:
-    the redacted model and error message; None takes ctx's as they are (for callers whose
-    ctx holds no client input)."""
+    """The access line's fields, in FIELDS order. The figures come from the request's
+    telemetry record, which computed them once for every signal: `end_unix` (the
+    timestamp), `latency_s`, `ttft_s`, `overhead_ms`. `client`: the redacted model and
+    error message; None takes ctx's as they are (for callers whose ctx holds no client
+    input)."""
     if client is None:
         client = ClientStrings(ctx.requested_model, ctx.error_message)
     principal = ctx.principal
-    attempt = ctx.attempts[-1] if ctx.attempts else None
+    attempt = ctx.attempt
     usage = ctx.usage
-    ttft = (
-        ctx.first_chunk_at - ctx.started if ctx.stream and ctx.first_chunk_at is not None else None
-    )
+    cost = ctx.cost_nano
     return {
-        "timestamp": iso_utc(end_unix),
+        "timestamp": iso_utc(end_unix, ms=True),
         "request_id": ctx.request_id,
         "trace_id": trace_id,
         "span_id": span_id,
@@ -114,13 +94,13 @@ def access_record(
         "upstream_model": attempt.upstream_model if attempt else None,
         "status": ctx.status,
         "latency_ms": _ms(latency_s),
-        "ttft_ms": _ms(ttft),
+        "ttft_ms": _ms(ttft_s),
         "attempts": len(ctx.attempts),
         "input_tokens": usage.input_tokens if usage else None,
         "output_tokens": usage.output_tokens if usage else None,
         "tokens_estimated": usage.estimated if usage else None,
-        "cost_usd": usd(ctx.cost_nano),
-        "overhead_ms": _ms(overhead_s),
+        "cost_usd": None if cost is None else format_usd(cost, fixed=True),  # as documented
+        "overhead_ms": overhead_ms,
         "error_type": ctx.error_type,
         "error_message": client.error_message,
         "cancelled": ctx.cancelled,

@@ -7,8 +7,7 @@ import math
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, TypeGuard, TypeVar
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
 from gateway.context import RequestContext
 from gateway.errors import (
@@ -18,6 +17,7 @@ from gateway.errors import (
     RateLimited,
     StoreUnavailable,
 )
+from gateway.iso_time import iso_utc
 from gateway.metering import estimate_usage, hides_reasoning
 from gateway.routing import Deployment
 from policies.budget import budget_scopes, rate_scopes
@@ -28,6 +28,7 @@ from policies.store import (
     RateDecision,
     RateScope,
     Reservation,
+    SpendRow,
     StoreError,
 )
 from pricing.cost import cost_nano, format_usd, max_cost_nano
@@ -63,7 +64,7 @@ async def guarded(gw: Gateway, ctx: RequestContext, call: Awaitable[T], fallback
     try:
         return await call
     except StoreError as exc:
-        gw.telemetry.count("store_error", ctx)
+        ctx.record.count("store_error")
         log_outage(gw, exc)
         if gw.config.store.on_error == "fail_open":
             return fallback
@@ -90,13 +91,13 @@ def log_outage(gw: Gateway, exc: StoreError) -> None:
     gw.outage_logged_at, gw.outages_unlogged = now, 0
 
 
-def requested_output_cap(body: dict) -> int | None:
+def requested_output_cap(body: dict[str, Any]) -> int | None:
     """The largest output cap the body names (a server may honour any of the fields)."""
     caps = [v for name in OUTPUT_CAP_FIELDS if _positive_int(v := body.get(name))]
     return max(caps) if caps else None
 
 
-def choices(operation: str, body: dict) -> int:
+def choices(operation: str, body: dict[str, Any]) -> int:
     """How many completions the provider bills for: `n` (chat, completions) x `best_of`
     (completions generate best_of and return n) x the prompts of a batched completion.
     Embeddings: the number of inputs (it only bounds their usage report). A response (the
@@ -111,7 +112,7 @@ def choices(operation: str, body: dict) -> int:
     return max(n, _count_field(body, "best_of")) * _items(body.get("prompt"))
 
 
-def _count_field(body: dict, name: str) -> int:
+def _count_field(body: dict[str, Any], name: str) -> int:
     value = body.get(name)
     if value is None:
         return 1
@@ -195,7 +196,7 @@ def reservation_plan(
     return out
 
 
-def upstream_cap_field(operation: str, body: dict, model: str) -> str:
+def upstream_cap_field(operation: str, body: dict[str, Any], model: str) -> str:
     """The field a team's cap goes upstream in: the one the client used, else the one the
     model accepts (OpenAI's reasoning models refuse max_tokens)."""
     for name in OUTPUT_CAP_FIELDS:
@@ -214,24 +215,6 @@ async def admit(gw: Gateway, ctx: RequestContext, plan: list[Deployment], api: A
     n = choices(api.name, ctx.body)
     count = await gw.counter.count_request(api.name, plan[0].model, ctx.body)
 
-    rscopes = rate_scopes(principal.team, principal.key_name, team.rate_limit, team.key_rate_limit)
-    if rscopes:
-        decision = await guarded(
-            gw, ctx, gw.store.rate_acquire(rscopes, count.tokens), RateDecision(True, 0.0, None)
-        )
-        ctx.response_headers.update(ratelimit_headers(decision))
-        if not decision.allowed:
-            ctx.rejected = "rate_limit"
-            gw.telemetry.count("rejection", ctx, kind="rate_limit")
-            retry = max(1, math.ceil(decision.retry_after_s))
-            window = decision.limited_by or "requests"
-            raise RateLimited(
-                f"Rate limit reached for team '{principal.team}' ({window} per minute). "
-                f"Try again in {retry}s.",
-                type=window,
-                headers={"retry-after": str(retry)},
-            )
-
     rplan = reservation_plan(gw, ctx, plan, prices, count.tokens, n, api.cap_field)
     if rplan.amount > MAX_AMOUNT_NANO:
         raise InvalidRequest(
@@ -243,15 +226,33 @@ async def admit(gw: Gateway, ctx: RequestContext, plan: list[Deployment], api: A
     ctx.usage_bound = rplan.bound
     ctx.upstream_caps = rplan.send_caps
 
-    # The reservation gets an id of our own: a client may repeat its x-request-id.
+    # The rate windows and the reservation in one store call (all or nothing: a request
+    # the budget refuses is not counted in the windows). The reservation gets an id of
+    # our own: a client may repeat its x-request-id.
+    rscopes = rate_scopes(principal.team, principal.key_name, team.rate_limit, team.key_rate_limit)
     now = time.time()
     bscopes = budget_scopes(principal.team, principal.key_name, team.budget, team.key_budget, now)
-    result = await guarded(
-        gw, ctx, gw.store.reserve(gw.new_request_id(), bscopes, rplan.amount), None
-    )
+    call = gw.store.admit(gw.new_request_id(), bscopes, rplan.amount, rscopes, count.tokens)
+    got = await guarded(gw, ctx, call, None)
+    if got is None:  # fail_open: admitted without a rate check or a reservation
+        return Admission(rscopes, bscopes, None, prices, count.tokens, rplan.caps, n)
+    if rscopes:
+        ctx.response_headers.update(ratelimit_headers(got.rate))
+        if not got.rate.allowed:
+            ctx.rejected = "rate_limit"
+            ctx.record.count("rejection", kind="rate_limit")
+            retry = max(1, math.ceil(got.rate.retry_after_s))
+            window = got.rate.limited_by or "requests"
+            raise RateLimited(
+                f"Rate limit reached for team '{principal.team}' ({window} per minute). "
+                f"Try again in {retry}s.",
+                type=window,
+                headers={"retry-after": str(retry)},
+            )
+    result = got.budget
     if isinstance(result, BudgetRejection):
         ctx.rejected = "budget"
-        gw.telemetry.count("rejection", ctx, kind="budget")
+        ctx.record.count("rejection", kind="budget")
         raise budget_exceeded(
             result, principal.team, rplan, count.tokens, n, now, api.cap_field or "max_tokens"
         )
@@ -304,8 +305,7 @@ def budget_message(rej: BudgetRejection, team: str) -> str:
     if scope.period_end is None:
         period = "the total budget has no period end"
     else:
-        end = datetime.fromtimestamp(scope.period_end, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-        period = f"the {scope.period_key} period ends {end}"
+        period = f"the {scope.period_key} period ends {iso_utc(scope.period_end)}"
     return (
         f"Budget exceeded for {who}: limit ${limit}, spent ${spent}, reserved ${reserved} "
         f"by requests in flight, this request may cost up to ${needed}; {period}."
@@ -344,29 +344,29 @@ async def settle(
         if ctx.usage_anomalies:
             report_anomalies(gw, ctx, deployment)
     usage = ctx.usage
+    rows = None
     try:
         if admission.reservation is not None:
-            await gw.store.settle(admission.reservation, cost)
+            rows = await gw.store.settle(admission.reservation, cost)
         if admission.rate and usage is not None and usage.output_tokens:
             await gw.store.rate_add_tokens(admission.rate, usage.output_tokens)
     except StoreError as exc:
         # The spend could not be written: say so loudly; never lose it silently.
-        gw.telemetry.count("store_error", ctx)
+        ctx.record.count("store_error")
         log.error(
             "could not settle request %s (cost %s nano-USD) in the store: %s",
             ctx.request_id,
             cost,
             exc,
         )
-    limited = [s for s in admission.budget if s.limit_nano is not None]
-    if limited and admission.reservation is not None:
-        ctx.budget_remaining_nano = await remaining_nano(gw, ctx, limited)
+    if rows is not None:  # the balances settle returned: no second store call
+        ctx.budget_remaining_nano = await remaining_nano(gw, ctx, admission.budget, rows)
 
 
 def report_anomalies(gw: Gateway, ctx: RequestContext, deployment: str) -> None:
     """A usage report that was clamped: counted, logged (one line, redacted), and on the span
     (tallygate.usage.anomalies)."""
-    gw.telemetry.count("usage_clamped", ctx, deployment=deployment)
+    ctx.record.count("usage_clamped", deployment=deployment)
     what = gw.redactor.redact("; ".join(ctx.usage_anomalies))[0]
     log.warning(
         "usage reported by %s for request %s was clamped (%s); charged %s nano-USD",
@@ -374,18 +374,20 @@ def report_anomalies(gw: Gateway, ctx: RequestContext, deployment: str) -> None:
     )  # fmt: skip
 
 
-async def remaining_nano(gw: Gateway, ctx: RequestContext, scopes: list[BudgetScope]) -> int | None:
-    """The tightest limited scope's limit minus its spend and reservations, after settling;
-    the same balances tell the budget alerts which thresholds were reached."""
-    try:
-        rows = await gw.store.balances(tuple(scopes))
-    except StoreError:
+async def remaining_nano(
+    gw: Gateway,
+    ctx: RequestContext,
+    scopes: tuple[BudgetScope, ...],
+    rows: list[SpendRow],
+) -> int | None:
+    """The tightest limited scope's limit minus its spend and reservations, from the
+    balances settle returned; the same rows tell the budget alerts which thresholds were
+    reached. None when no scope is limited."""
+    limited = [(s, r) for s, r in zip(scopes, rows, strict=True) if s.limit_nano is not None]
+    if not limited:
         return None
-    await gw.alerts.observe(gw.config, ctx, scopes, rows)
-    return min(
-        (s.limit_nano or 0) - r.spent_nano - r.reserved_nano
-        for s, r in zip(scopes, rows, strict=True)
-    )
+    await gw.alerts.observe(gw.config, ctx, [s for s, _ in limited], [r for _, r in limited])
+    return min((s.limit_nano or 0) - r.spent_nano - r.reserved_nano for s, r in limited)
 
 
 def ratelimit_headers(decision: RateDecision) -> dict[str, str]:

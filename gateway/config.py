@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from gateway.providers import PROVIDERS
-from gateway.telemetry import TelemetryConfig
+from gateway.telemetry_config import TelemetryConfig
 from policies.config import BudgetConfig, RateLimitConfig, StoreConfig
 from policies.redaction import RedactionConfig
 from pricing.config import PricingConfig

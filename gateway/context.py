@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pricing.usage import DEFAULT_TOKEN_BOUND, Usage
+
+if TYPE_CHECKING:  # the records import this module
+    from gateway.telemetry_record import AttemptRecord, RequestRecord
 
 
 @dataclass(slots=True)
@@ -31,7 +34,9 @@ class Attempt:
     ended: float | None = None
     status: int | None = None
     error_type: str | None = None  # low-cardinality, e.g. "timeout", "429", "connect_error"
-    span: Any = None  # the attempt's CLIENT span, owned by gateway.telemetry
+    # its telemetry (the CLIENT span), from RequestRecord.attempt until the request's record
+    # finishes (then None: no reference cycle outlives the request)
+    record: AttemptRecord | None = None
 
 
 @dataclass(slots=True)
@@ -66,6 +71,8 @@ class RequestContext:
     error_message: str | None = None  # never unredacted upstream text (access log, span status)
     response_id: str | None = None
     response_model: str | None = None
+    response_service_tier: str | None = None  # OpenAI's, as the upstream answered
+    response_system_fingerprint: str | None = None
     finish_reasons: list[str] = field(default_factory=list)
     output_text: list[str] = field(default_factory=list)  # collected only when content is captured
     output_tool_calls: list[dict[str, Any]] = field(default_factory=list)
@@ -80,16 +87,37 @@ class RequestContext:
         default_factory=dict
     )  # per detector, summed over the request
     rejected: str | None = None  # "budget" | "rate_limit" when admission refused
-    trace: Any = None  # telemetry's per-request state (the SERVER span), owned by gateway.telemetry
+    trace: RequestRecord | None = None  # its telemetry, from Telemetry.start_request
+
+    @property
+    def record(self) -> RequestRecord:
+        """The request's telemetry record (pipeline.start has Telemetry.start_request make
+        it before any stage runs)."""
+        record = self.trace
+        if record is None:
+            raise RuntimeError("no telemetry record: Telemetry.start_request was not called")
+        return record
 
     @property
     def attempt(self) -> Attempt | None:
+        """The last (current) upstream attempt."""
         return self.attempts[-1] if self.attempts else None
 
     @property
-    def elapsed_s(self) -> float:
-        return time.perf_counter() - self.started
-
-    @property
     def overhead_s(self) -> float:
-        return max(0.0, self.elapsed_s - self.upstream_wait_s)
+        """The gateway's own time so far (what the record fixes at finish)."""
+        return self.overhead_until(time.perf_counter())
+
+    def overhead_until(self, now: float) -> float:
+        """Time spent in the gateway until `now` (perf_counter), less the upstream wait."""
+        return max(0.0, now - self.started - self.upstream_wait_s)
+
+    def time_to_first_chunk(self, since: float | None = None) -> float | None:
+        """Seconds from `since` (perf_counter; default the request's arrival) to the first
+        chunk the client got; None for a whole response, before the first chunk, or for
+        a chunk sent before `since` (an attempt that started later)."""
+        first = self.first_chunk_at
+        if not self.stream or first is None:
+            return None
+        start = self.started if since is None else since
+        return first - start if first >= start else None

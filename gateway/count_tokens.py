@@ -76,7 +76,7 @@ async def forwarded(
         ctx.error_type = str(up.status)
         ctx.error_message = upstream_message(gw, up.body or b"")
     out = upstream_headers(up, ctx, dep)
-    finish(gw, ctx, out)
+    finish(ctx, out)
     kind = up.headers.get("content-type", "application/json")
     return Response(up.body, up.status, out, media_type=kind)
 
@@ -94,5 +94,5 @@ async def counted(gw: Gateway, ctx: RequestContext, plan: list[Deployment]) -> R
     ctx.status = 200
     headers = result_headers(ctx)
     headers[ESTIMATED_HEADER] = "true"
-    finish(gw, ctx, headers)
+    finish(ctx, headers)
     return JSONResponse({"input_tokens": count.tokens}, headers=headers)

@@ -86,7 +86,7 @@ async def forward(
     base = outgoing(gw, ctx)
     for position, dep in enumerate(plan):
         if position:
-            gw.telemetry.count("fallback", ctx)
+            ctx.record.count("fallback")
         body, ctx.hide_usage = upstream_body(ctx, base, dep, inject_usage=api.stream_usage)
         for retry in range(retries + 1):
             try:
@@ -94,7 +94,7 @@ async def forward(
                 if up.status == 400 and rejects_stream_options(ctx, up):
                     # A server that does not know stream_options: ask again as the client
                     # did (its usage, if any, is then read or counted by us).
-                    end_attempt(gw, ctx, "400")
+                    fail_current(ctx, "400")
                     body, ctx.hide_usage = upstream_body(ctx, base, dep, inject_usage=False)
                     up = await attempt(gw, ctx, dep, body, api, client_headers)
             except UPSTREAM_FAILURES as err:
@@ -113,7 +113,7 @@ async def forward(
             wait = gw.router.backoff_s(retry + 1, retry_after)
             if wait is None:
                 break  # Retry-After longer than we are willing to wait: fall back now
-            gw.telemetry.count("retry", ctx)
+            ctx.record.count("retry")
             await asyncio.sleep(wait)
     if last_response is not None and last_response[0].status == 429:
         return last_response  # every deployment is rate limited: the client sees the provider's 429
@@ -141,12 +141,12 @@ async def attempt(
         server_port=provider.server_port,
     )
     ctx.attempts.append(current)
-    gw.telemetry.start_attempt(ctx, current)
+    record = ctx.record.attempt(current)
     t0 = perf_counter()
     try:
-        headers = {"x-request-id": ctx.request_id, **gw.telemetry.trace_headers(current)}
+        headers = {"x-request-id": ctx.request_id, **record.trace_headers()}
         send: Awaitable[UpstreamResponse]
-        with gw.telemetry.use_attempt(current):
+        with record.current():
             if api.send is None:
                 send = provider.send(
                     api.name, dep.model, body, stream=ctx.stream, timeout_s=dep.timeout_s,
@@ -160,21 +160,22 @@ async def attempt(
             up = await mapped(send, dep.label)
     except UPSTREAM_FAILURES as err:
         ctx.upstream_wait_s += perf_counter() - t0
-        end_attempt(gw, ctx, err.kind)
+        record.fail(err.kind)
         raise
     ctx.upstream_wait_s += perf_counter() - t0
     current.status = up.status
     if up.status in RETRYABLE_STATUS:
-        end_attempt(gw, ctx, str(up.status))
+        record.fail(str(up.status))
     return up
 
 
-def end_attempt(gw: Gateway, ctx: RequestContext, error_type: str) -> None:
-    """The current attempt failed with `error_type`: its span ends now."""
-    current = ctx.attempts[-1]
-    current.error_type = error_type
-    current.ended = perf_counter()
-    gw.telemetry.end_attempt(ctx, current)
+def fail_current(ctx: RequestContext, error_type: str) -> None:
+    """The current attempt failed with `error_type`: recorded, its span ended now."""
+    current = ctx.attempt
+    assert current is not None  # attempt() made it
+    current.error_type, current.ended = error_type, perf_counter()
+    if current.record is not None:
+        current.record.end()
 
 
 def rejects_stream_options(ctx: RequestContext, up: UpstreamResponse) -> bool:

@@ -1,7 +1,7 @@
 """GenAI attribute mapping: request bodies, attempts, usage and content → attribute dicts.
 
 Pure functions, no telemetry SDK: what a span or a metric point carries is decided here,
-how it is recorded is gateway.telemetry's business. Names come from the OpenTelemetry
+how it is recorded is gateway.telemetry_record's business. Names come from the OpenTelemetry
 semantic conventions (the `opentelemetry.semconv` constants; SEMCONV.md lists what we
 emit); the gateway's own attributes live under `tallygate.*`.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.semconv._incubating.attributes import gen_ai_attributes as ga
 from opentelemetry.semconv._incubating.attributes.openai_attributes import (
@@ -30,7 +30,11 @@ from opentelemetry.semconv.attributes.http_attributes import (
 from opentelemetry.semconv.attributes.url_attributes import URL_PATH
 from opentelemetry.semconv.attributes.user_agent_attributes import USER_AGENT_ORIGINAL
 
+from pricing.cost import NANO_PER_USD
 from pricing.usage import Usage
+
+if TYPE_CHECKING:
+    from gateway.context import RequestContext
 
 # --- the gateway's own attribute names (no convention covers them) ---------------------
 TALLYGATE_REQUEST_ID = "tallygate.request_id"
@@ -232,6 +236,45 @@ def server_request_attributes(
     if user_agent:
         attrs[USER_AGENT_ORIGINAL] = user_agent
     return attrs
+
+
+def server_result_attributes(
+    ctx: RequestContext, *, model: str | None, overhead_ms: float, cost_usd: float | None
+) -> dict[str, Any]:
+    """The SERVER span's attributes once the request is answered. `model`: the one the
+    client asked for, redacted; `overhead_ms`, `cost_usd`: the request record's figures."""
+    attributes = status_attributes(ctx.status)
+    attributes.update(error_attributes(ctx.error_type, ctx.status if ctx.status >= 500 else None))
+    principal = ctx.principal
+    if principal is not None:
+        attributes[TALLYGATE_TEAM] = principal.team
+        attributes[TALLYGATE_KEY] = principal.key_name
+    if model:
+        attributes[TALLYGATE_MODEL] = model
+    last = ctx.attempt
+    if last is not None:
+        attributes[TALLYGATE_DEPLOYMENT] = last.deployment
+    attributes[TALLYGATE_ATTEMPTS] = len(ctx.attempts)
+    if cost_usd is not None:
+        attributes[TALLYGATE_COST_USD] = cost_usd
+    if ctx.pricing_version:
+        attributes[TALLYGATE_PRICING_VERSION] = ctx.pricing_version
+    if ctx.budget_remaining_nano is not None:
+        attributes[TALLYGATE_BUDGET_REMAINING_USD] = ctx.budget_remaining_nano / NANO_PER_USD
+    if ctx.usage is not None:
+        attributes[TALLYGATE_TOKENS_ESTIMATED] = ctx.usage.estimated
+    for kind, n in ctx.redactions.items():
+        attributes[TALLYGATE_REDACTIONS_PREFIX + kind] = n
+    attributes[TALLYGATE_OVERHEAD_MS] = overhead_ms
+    if ctx.stream:
+        attributes[TALLYGATE_STREAM] = True
+    if ctx.cancelled:
+        attributes[TALLYGATE_CANCELLED] = True
+    if ctx.usage_anomalies:
+        attributes[TALLYGATE_USAGE_ANOMALIES] = list(ctx.usage_anomalies)
+    if ctx.rejected:
+        attributes[TALLYGATE_REJECTED] = ctx.rejected
+    return attributes
 
 
 def error_attributes(error_type: str | None, status: int | None = None) -> dict[str, Any]:

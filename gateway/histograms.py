@@ -111,14 +111,17 @@ class Histograms:
         )
         state = _Reader(self._specs.values(), preferred is AggregationTemporality.DELTA)
         self._readers.append(state)
-        collect = reader._collect
+        # Typed Any: the SDK annotates _collect as (reader, temporality) -> metrics, but
+        # its MeterProvider sets a callable of (reader, timeout_millis=) -> MetricsData.
+        sdk_reader: Any = reader
+        collect: Callable[..., MetricsData | None] | None = sdk_reader._collect
         if collect is None:
             raise ValueError("attach a reader after its MeterProvider is created")
 
         def collect_with_histograms(r: MetricReader, **kwargs: Any) -> MetricsData | None:
             return self._merge(collect(r, **kwargs), state)
 
-        reader._collect = collect_with_histograms
+        sdk_reader._collect = collect_with_histograms
 
     def recorder(self, name: str) -> Callable[[float, Mapping[str, Any]], None]:
         """record(value, attributes) for the histogram `name`."""

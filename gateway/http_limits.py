@@ -287,7 +287,7 @@ def check_json_depth(body: object, limit: int) -> None:
         deeper = []
         for node in level:
             children = node.values() if type(node) is dict else node
-            for child in children:  # type: ignore[attr-defined]
+            for child in children:
                 kind = type(child)
                 if kind is dict or kind is list:
                     deeper.append(child)

@@ -40,7 +40,7 @@ _RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.E
 ProtocolFactory = Callable[[], asyncio.BaseProtocol]
 
 
-class Loop(uvloop.Loop):  # type: ignore[misc]
+class Loop(uvloop.Loop):
     async def create_server(  # type: ignore[override]
         self,
         protocol_factory: ProtocolFactory,
@@ -57,7 +57,7 @@ class Loop(uvloop.Loop):  # type: ignore[misc]
     ) -> asyncio.AbstractServer:
         if ssl is not None or kwargs.get("reuse_port") or not start_serving or not _tcp(sock):
             # uvloop's stubs type host/port/sock narrower than its create_server accepts
-            return await super().create_server(  # type: ignore[no-any-return]
+            return await super().create_server(
                 protocol_factory, host, port, family=family, flags=flags, sock=sock,  # type: ignore[arg-type]
                 backlog=backlog, ssl=ssl, start_serving=start_serving, **kwargs,
             )  # fmt: skip

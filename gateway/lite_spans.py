@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry.attributes import BoundedAttributes
@@ -132,7 +132,7 @@ class LiteTracer:
                 set_span_in_context(NonRecordingSpan(parent)) if parent is not None else None,
                 trace_id, name, kind, attributes,
             )  # fmt: skip
-            sampled = result.decision.is_sampled()
+            sampled = result.decision.is_sampled()  # type: ignore[no-untyped-call]
             trace_state = result.trace_state
             if result.attributes:
                 attributes = {**(attributes or {}), **result.attributes}
@@ -189,7 +189,7 @@ class LiteSpan:
                 self._attributes = cleaned
         self._start = start_time
         self._status = _UNSET
-        self._events: BoundedList | None = None
+        self._events: BoundedList[Event] | None = None
         self.end_time: int | None = None
 
     # -- read, as a ReadableSpan --
@@ -216,7 +216,7 @@ class LiteSpan:
 
     @property
     def attributes(self) -> Mapping[str, Any]:
-        return MappingProxyType(self._attributes)  # type: ignore[arg-type]
+        return MappingProxyType(self._attributes)
 
     @property
     def events(self) -> tuple[Event, ...]:
@@ -360,10 +360,10 @@ class PlainSpan:
         self.span = span
 
     def get_span_context(self) -> SpanContext:
-        return self.span.get_span_context()
+        return cast(SpanContext, self.span.get_span_context())
 
     def is_recording(self) -> bool:
-        return self.span.is_recording()
+        return bool(self.span.is_recording())
 
     def set_attribute(self, key: str, value: Any) -> None:
         if value is not None and self.span.is_recording():

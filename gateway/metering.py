@@ -34,6 +34,7 @@ def observe_body(ctx: RequestContext, data: dict[str, Any]) -> None:
     """A whole (non-stream) chat completion or legacy completion."""
     ctx.response_id = data.get("id")
     ctx.response_model = data.get("model")
+    read_service(ctx, data)
     for choice in data.get("choices") or ():
         if choice.get("finish_reason"):
             ctx.finish_reasons.append(choice["finish_reason"])
@@ -55,6 +56,17 @@ def observe_body(ctx: RequestContext, data: dict[str, Any]) -> None:
     usage = data.get("usage")
     if usage is not None:
         read_usage(ctx, usage)
+
+
+def read_service(ctx: RequestContext, data: dict[str, Any]) -> None:
+    """OpenAI's service tier and system fingerprint, when the answer gives them (for the
+    attempt span's openai.response.* attributes)."""
+    tier = data.get("service_tier")
+    if isinstance(tier, str):
+        ctx.response_service_tier = tier
+    fingerprint = data.get("system_fingerprint")
+    if isinstance(fingerprint, str):
+        ctx.response_system_fingerprint = fingerprint
 
 
 def read_usage(ctx: RequestContext, usage: Any) -> None:
@@ -86,6 +98,7 @@ class StreamObserver:
         if ctx.response_id is None:
             ctx.response_id = data.get("id")
             ctx.response_model = data.get("model")
+            read_service(ctx, data)
         for choice in data.get("choices") or ():
             delta = choice.get("delta")
             if delta is not None:
@@ -151,6 +164,7 @@ def observe_response(ctx: RequestContext, data: dict[str, Any]) -> None:
     the finish reason (from status), usage."""
     ctx.response_id = data.get("id")
     ctx.response_model = data.get("model")
+    read_service(ctx, data)
     read_output(ctx, data.get("output") or ())
     finish_reason(ctx, data)
     usage = data.get("usage")
@@ -231,6 +245,7 @@ class ResponsesStreamObserver:
             if self.ctx.response_id is None:
                 self.ctx.response_id = response.get("id")
                 self.ctx.response_model = response.get("model")
+                read_service(self.ctx, response)
         elif kind == "response.output_item.added" or kind == "response.output_item.done":
             self._item(data.get("item") or {})
         elif kind == "error":
@@ -251,6 +266,7 @@ class ResponsesStreamObserver:
         ctx = self.ctx
         ctx.response_id = response.get("id") or ctx.response_id
         ctx.response_model = response.get("model") or ctx.response_model
+        read_service(ctx, response)
         if not ctx.output_text and not ctx.output_tool_calls:  # no deltas came: the output
             read_output(ctx, response.get("output") or ())
         finish_reason(ctx, response)

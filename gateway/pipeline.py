@@ -51,7 +51,7 @@ def start(gw: Gateway, request: Request, api: Api) -> RequestContext:
         operation=api.operation,
         response_headers=id_headers,
     )
-    gw.telemetry.start_request(ctx, request.headers)
+    gw.telemetry.start_request(ctx, request.headers)  # ctx.record from here on
     return ctx
 
 
@@ -230,7 +230,8 @@ async def settle_left(gw: Gateway, ctx: RequestContext, admission: Admission) ->
     attempt.ended = time.perf_counter()
     ctx.upstream_wait_s += attempt.ended - attempt.started  # attempt() never got to add it
     attempt.error_type = "cancelled"
-    gw.telemetry.end_attempt(ctx, attempt)
+    if attempt.record is not None:  # its span ends now
+        attempt.record.end()
     ctx.usage = None
     await settle(gw, ctx, admission, attempt.deployment)
 

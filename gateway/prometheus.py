@@ -211,7 +211,7 @@ class PrometheusMetrics:
                     instrument.defer(self)
                 atexit.register(self.flush)  # a worker's last second, when it exits
                 self._exposition = CollectorRegistry()
-                MultiProcessCollector(self._exposition, path=directory)
+                MultiProcessCollector(self._exposition, path=directory)  # type: ignore[no-untyped-call]
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type."""

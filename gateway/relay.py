@@ -17,8 +17,10 @@ from gateway.context import RequestContext
 from gateway.metering import ERROR, USAGE
 from gateway.providers.base import UpstreamResponse
 from gateway.responses import (
+    OVERHEAD_HEADER,
     UNREADABLE,
     finish,
+    overhead_header,
     received_sample,
     upstream_headers,
     upstream_message,
@@ -39,7 +41,9 @@ def stream_response(
     ctx.status = 200
     headers = upstream_headers(up, ctx, dep)
     headers["cache-control"] = "no-cache"
-    headers["x-tallygate-overhead-ms"] = f"{ctx.overhead_s * 1000:.3f}"
+    # sent before the stream is relayed: the overhead so far (its record, at the end of
+    # the stream, has the whole request's for the span, the metric and the access line)
+    headers[OVERHEAD_HEADER] = overhead_header(ctx.overhead_s * 1000.0)
     relay = StreamRelay(gw, ctx, up, dep, admission, api.observer(ctx))
     return RelayResponse(relay, headers=headers, media_type="text/event-stream")
 
@@ -100,7 +104,8 @@ class StreamRelay:
         return with_data(event, orjson.dumps(chunk))
 
     async def events(self) -> AsyncIterator[bytes]:
-        gw, ctx = self.gw, self.ctx
+        ctx = self.ctx
+        record = ctx.record
         assert self.up.chunks is not None
         decoder = SSEDecoder()
         observer = self.observer
@@ -164,7 +169,7 @@ class StreamRelay:
                     if ctx.first_chunk_at is None:
                         ctx.first_chunk_at = now
                     else:
-                        gw.telemetry.record_chunk_gap(ctx, now - last_sent)
+                        record.chunk_gap(now - last_sent)
                     last_sent = now
                     yield b"".join(out) if len(out) > 1 else out[0]
                 if bad is not None:
@@ -221,5 +226,4 @@ async def finish_stream(
     # No usage chunk (cut off, or an upstream that sends none): settle counts it ourselves.
     # A stream that broke after its headers keeps status 200; ctx.error_type says why.
     await settle(gw, ctx, admission, dep.label)
-    gw.telemetry.end_attempt(ctx, ctx.attempts[-1])
-    finish(gw, ctx, {})
+    finish(ctx, None)  # ends the attempt's span too, with the outcome its Attempt holds

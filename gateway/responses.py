@@ -23,19 +23,30 @@ PASSED_UPSTREAM_HEADERS = ("openai-processing-ms", "openai-version", "request-id
 # what reading an upstream JSON object of the wrong shape raises (a string where a list is)
 UNREADABLE = (AttributeError, TypeError, ValueError, KeyError)
 SAMPLE_BYTES = 200  # of an unreadable response, quoted (redacted) in the log
+OVERHEAD_HEADER = "x-tallygate-overhead-ms"
 
 
 def result_headers(ctx: RequestContext, dep: Deployment | None = None) -> dict[str, str]:
     headers = {"x-request-id": ctx.request_id, **ctx.response_headers}
-    if ctx.attempts:
+    attempt = ctx.attempt
+    if attempt is not None:
         headers["x-tallygate-attempts"] = str(len(ctx.attempts))
-        headers["x-tallygate-deployment"] = dep.label if dep else ctx.attempts[-1].deployment
+        headers["x-tallygate-deployment"] = dep.label if dep else attempt.deployment
     return headers
 
 
-def finish(gw: Gateway, ctx: RequestContext, headers: dict[str, str]) -> None:
-    headers["x-tallygate-overhead-ms"] = f"{ctx.overhead_s * 1000:.3f}"
-    gw.telemetry.finish_request(ctx)
+def overhead_header(ms: float) -> str:
+    return f"{ms:.3f}"
+
+
+def finish(ctx: RequestContext, headers: dict[str, str] | None) -> None:
+    """Records the request (its spans, metrics and access line). `headers`, of a response
+    not sent yet, get the overhead the record fixed: the span's, the metric's and the
+    line's figure (a stream, whose headers have left, passes None)."""
+    record = ctx.record
+    record.finish()
+    if headers is not None:
+        headers[OVERHEAD_HEADER] = overhead_header(record.overhead_ms)
 
 
 def fail(
@@ -47,7 +58,7 @@ def fail(
     ctx.error_type = exc.code or exc.type
     ctx.error_message = exc.message if detail is None else f"{exc.message} {detail}"
     headers = result_headers(ctx)
-    finish(gw, ctx, headers)
+    finish(ctx, headers)
     return api.error_response(exc, headers)
 
 
@@ -59,7 +70,7 @@ def client_closed(gw: Gateway, ctx: RequestContext) -> Response:
     ctx.error_type = "client_closed_request"
     ctx.error_message = "The client closed the connection before the response was sent."
     headers = result_headers(ctx)
-    finish(gw, ctx, headers)
+    finish(ctx, headers)
     return Response(status_code=499, headers=headers)
 
 
@@ -89,7 +100,7 @@ async def passthrough_error(
     headers = upstream_headers(up, ctx, dep)
     if "retry-after" in up.headers:
         headers["retry-after"] = up.headers["retry-after"]
-    finish(gw, ctx, headers)
+    finish(ctx, headers)
     return Response(
         up.body, up.status, headers, media_type=up.headers.get("content-type", "application/json")
     )
@@ -126,7 +137,7 @@ async def whole_response(
     headers = upstream_headers(up, ctx, dep)
     if ctx.cost_nano is not None:
         headers["x-tallygate-cost-usd"] = format_usd(ctx.cost_nano)
-    finish(gw, ctx, headers)
+    finish(ctx, headers)
     return Response(
         up.body, up.status, headers, media_type=up.headers.get("content-type", "application/json")
     )

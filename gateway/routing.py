@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.config import Config, DeploymentConfig, RoutingConfig
@@ -39,7 +40,11 @@ class Route:
 
 class Router:
     def __init__(
-        self, config: Config, *, clock=time.monotonic, rng: random.Random | None = None
+        self,
+        config: Config,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
     ) -> None:
         self.policy: RoutingConfig = config.routing
         self._clock = clock
@@ -100,7 +105,7 @@ class Router:
         if retry_after is not None:
             return retry_after if retry_after <= self.policy.max_backoff_s else None
         base = self.policy.backoff_s * (2 ** (retry - 1))
-        return min(self.policy.max_backoff_s, base * (0.5 + self._rng.random() / 2))
+        return float(min(self.policy.max_backoff_s, base * (0.5 + self._rng.random() / 2)))
 
 
 def parse_retry_after(value: str | None) -> float | None:

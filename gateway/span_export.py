@@ -152,4 +152,4 @@ class EncodedSpanProcessor(SpanProcessor):
         self._stopping = True
         self._wake.set()
         self._thread.join()
-        self._exporter.shutdown()
+        self._exporter.shutdown()  # type: ignore[no-untyped-call]

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway.config import Config
+from gateway.iso_time import iso_utc
 from policies.budget import budget_scopes
 from policies.config import BudgetConfig
 from policies.store import BudgetScope, Store, balances_by_group
@@ -98,6 +99,5 @@ def period_start(budget: BudgetConfig | None, scope: BudgetScope) -> float | Non
 
 
 def iso(ts: float | None) -> str | None:
-    return (
-        datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if ts is not None else None
-    )
+    """A unix time as ISO-8601 UTC to the second (gateway.iso_time), None as None."""
+    return iso_utc(ts) if ts is not None else None

@@ -59,7 +59,7 @@ def private_sdk_names() -> list[tuple[object, str]]:
             (processor, "_batch_processor._max_queue_size"),
         ]
     finally:
-        processor.shutdown()
+        processor.shutdown()  # type: ignore[no-untyped-call]
         exporter.shutdown()
 
 
@@ -192,7 +192,7 @@ class GuardedLogExporter(LogRecordExporter):
         return result
 
     def shutdown(self) -> None:
-        self._inner.shutdown()
+        self._inner.shutdown()  # type: ignore[no-untyped-call]
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         return self._inner.force_flush(timeout_millis)

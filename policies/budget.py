@@ -6,8 +6,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from policies.config import BudgetConfig, Period, RateLimitConfig
 from policies.store import BudgetScope, RateScope
-
-NANO_PER_USD = 10**9
+from pricing.cost import NANO_PER_USD
 
 
 def current_period(period: Period, now: float) -> tuple[str, float | None]:

@@ -308,7 +308,9 @@ BUILTIN_BRANCHES: tuple[Branch, ...] = (
     _branch(  # 13-19 digits, or a group of 4 then groups of 3-6 with one kind of separator
         "card", "credit_card", "[0-9]", _NUM,
         r"(?:[0-9]{12,18}+|[0-9]{3}(?=(?:[ -]?[0-9]){9})(?P<card_sep>[ -])[0-9]{3,6}+"
-        r"(?:(?P=card_sep)[0-9]{3,6}+(?![0-9])){0,7}+)(?![A-Za-z0-9_])",
+        # groups may be given back (not possessive): `4111 1111 1111 1111 000A` is the card
+        # and a word, not a run that fails the boundary as a whole (at most 7 steps back)
+        r"(?:(?P=card_sep)[0-9]{3,6}+(?![0-9])){0,7})(?![A-Za-z0-9_])",
         peek="[0-9]{3}", validate=validate_card,
     ),
     _branch(  # 123-45-6789; 123 45 6789 (validate_ssn wants a cue before it)

@@ -410,7 +410,7 @@ class LocalStore:
             conn.close()
 
     def _ping(self) -> bool:
-        return self._db().execute("SELECT 1").fetchone() == (1,)
+        return bool(self._db().execute("SELECT 1").fetchone() == (1,))
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -567,7 +567,9 @@ class LocalStore:
     def _load(
         self, periods: list[str], now: float, settled_limit: int
     ) -> tuple[list[tuple[str, str, int]], list[FileReservation], list[str]]:
-        def tx(conn: sqlite3.Connection) -> Any:
+        def tx(
+            conn: sqlite3.Connection,
+        ) -> tuple[list[tuple[str, str, int]], list[FileReservation], list[str]]:
             reservations = conn.execute(
                 "SELECT request_id, scope_id, period_key, amount_nano, expires_at FROM reservations"
             ).fetchall()

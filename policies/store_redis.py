@@ -650,7 +650,7 @@ class RedisStore:
         ttl_ms = 0 if ttl_s is None else max(1, round(ttl_s * 1000))
         token = os.urandom(8).hex()  # this call's mark: a retry of it still wins
         won = await self._script("claim_once", [claim_key(group, key)], [token, ttl_ms])
-        return won == 1
+        return bool(won == 1)
 
     # the one place redis errors become StoreError
 

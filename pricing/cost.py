@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from decimal import ROUND_HALF_UP, Decimal, InvalidOperation, localcontext
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 
 from .table import Price
 from .usage import Usage
@@ -44,31 +44,16 @@ def max_cost_nano(price: Price, input_tokens: int, max_output_tokens: int) -> in
     )
 
 
-def usd_to_nano(value: Decimal | str | int) -> int:
-    """USD (a Decimal, a decimal string or an int; never a float) to nano-USD, half-up."""
-    if isinstance(value, bool) or not isinstance(value, Decimal | str | int):
-        raise TypeError(f"USD amounts must be Decimal, str or int, not {type(value).__name__}")
-    try:
-        usd = Decimal(value.strip() if isinstance(value, str) else value)
-    except InvalidOperation:
-        raise ValueError(f"not a decimal USD amount: {value!r}") from None
-    if not usd.is_finite():
-        raise ValueError(f"not a finite USD amount: {value!r}")
-    with localcontext(prec=_PRECISION):
-        return int((usd * NANO_PER_USD).to_integral_value(ROUND_HALF_UP))
-
-
-def nano_to_usd(nano: int) -> Decimal:
-    """nano-USD to an exact Decimal USD amount (no context rounding, any size)."""
-    sign, digits, _ = Decimal(int(nano)).as_tuple()
-    return Decimal((sign, digits, -9))
-
-
-def format_usd(nano: int) -> str:
-    """A plain decimal USD string: no exponent, no trailing zeros, at least "0"."""
+def format_usd(nano: int, *, fixed: bool = False) -> str:
+    """A plain decimal USD string, never an exponent: no trailing zeros and at least "0"
+    ("0.00012345": the x-tallygate-cost-usd header, usage.cost, messages, the spend
+    report), or with `fixed` all nine decimals, nano-USD exactly ("0.000123450": the
+    access log's cost_usd, as documented)."""
     nano = int(nano)
     whole, frac = divmod(abs(nano), NANO_PER_USD)  # integers: no Decimal on the hot path
     sign = "-" if nano < 0 else ""
+    if fixed:
+        return f"{sign}{whole}.{frac:09d}"
     if not frac:
         return f"{sign}{whole}" if whole else "0"
     return f"{sign}{whole}.{frac:09d}".rstrip("0")

@@ -146,14 +146,14 @@ def succeed(ctx: RequestContext, a: Attempt, usage: Usage | None = None) -> None
 
 def serve(tel: Telemetry, ctx: RequestContext, headers: dict[str, str] | None = None) -> Attempt:
     """One successful request, through the API in the pipeline's order."""
-    tel.start_request(ctx, headers or {})
+    record = tel.start_request(ctx, headers or {})
     a = attempt(ctx)
-    tel.start_attempt(ctx, a)
-    with tel.use_attempt(a):
+    att = record.attempt(a)
+    with att.current():
         pass
     succeed(ctx, a)
-    tel.end_attempt(ctx, a)
-    tel.finish_request(ctx)
+    att.end()
+    record.finish()
     return a
 
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import json
 
-from gateway.access_log import FIELDS, AccessLog, access_record, format_text, iso_utc, usd
+from gateway.access_log import FIELDS, AccessLog, access_record, format_text
 from gateway.context import Attempt, Principal, RequestContext
+from gateway.iso_time import iso_utc
 from pricing.usage import Usage
 from tests.servers import async_wait_until
 
@@ -37,13 +38,15 @@ def finished_context() -> RequestContext:
 
 
 def test_record_fields_in_order() -> None:
+    ctx = finished_context()
     record = access_record(
-        finished_context(),
+        ctx,
         trace_id="0af7651916cd43dd8448eb211c80319c",
         span_id="b7ad6b7169203331",
         end_unix=1_700_000_000.5,
         latency_s=0.5,
-        overhead_s=0.0012345,
+        ttft_s=ctx.time_to_first_chunk(),
+        overhead_ms=1.234,
     )
     assert tuple(record) == FIELDS
     assert record == {
@@ -80,24 +83,30 @@ def test_refused_request_record() -> None:
     ctx.status = 401
     ctx.error_type = "invalid_api_key"
     record = access_record(
-        ctx, trace_id=None, span_id=None, end_unix=0.0, latency_s=0.001, overhead_s=0.001
-    )
+        ctx, trace_id=None, span_id=None, end_unix=0.0, latency_s=0.001, ttft_s=None,
+        overhead_ms=1.0,
+    )  # fmt: skip
     assert record["team"] is None and record["key"] is None and record["deployment"] is None
     assert record["attempts"] == 0 and record["cost_usd"] is None and record["ttft_ms"] is None
     assert record["error_type"] == "invalid_api_key"
 
 
-def test_usd_is_exact_decimal_text() -> None:
-    assert usd(None) is None
-    assert usd(0) == "0.000000000"  # always nine decimals: nano-USD exactly
-    assert usd(1) == "0.000000001"
-    assert usd(1_500_000_000) == "1.500000000"
-    assert usd(123_456_789_012) == "123.456789012"
+def test_cost_is_exact_decimal_text() -> None:
+    ctx = finished_context()
+    for nano, text in ((0, "0.000000000"), (1, "0.000000001"), (1_500_000_000, "1.500000000"),
+                       (123_456_789_012, "123.456789012")):  # fmt: skip
+        ctx.cost_nano = nano  # always nine decimals: nano-USD exactly (docs/TELEMETRY.md)
+        record = access_record(
+            ctx, trace_id=None, span_id=None, end_unix=0.0, latency_s=0.1, ttft_s=None,
+            overhead_ms=0.1,
+        )  # fmt: skip
+        assert record["cost_usd"] == text
 
 
 def test_iso_utc() -> None:
-    assert iso_utc(0.0) == "1970-01-01T00:00:00.000Z"
-    assert iso_utc(1_700_000_000.999) == "2023-11-14T22:13:20.999Z"
+    assert iso_utc(0.0, ms=True) == "1970-01-01T00:00:00.000Z"
+    assert iso_utc(1_700_000_000.999, ms=True) == "2023-11-14T22:13:20.999Z"
+    assert iso_utc(1_700_000_000.999) == "2023-11-14T22:13:20Z"  # to the second
 
 
 class CountingStream(io.StringIO):
@@ -114,7 +123,7 @@ def test_json_line_written_once_without_content_or_keys() -> None:
     stream = CountingStream()
     ctx = finished_context()
     record = access_record(
-        ctx, trace_id="t", span_id="s", end_unix=1.0, latency_s=0.1, overhead_s=0.01
+        ctx, trace_id="t", span_id="s", end_unix=1.0, latency_s=0.1, ttft_s=0.25, overhead_ms=10.0
     )
     AccessLog(stream, "json").write(record)
     assert stream.writes == 1

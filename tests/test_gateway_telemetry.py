@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+from decimal import Decimal
+
 import httpx
 import openai
 from opentelemetry.trace import SpanKind, StatusCode
 
-from tests.fake_upstream import FakeUpstream, error_reply
+from tests.fake_upstream import FakeUpstream, Reply, chat_stream, error_reply, usage_json
 from tests.gateway_harness import KEYS, RunningGateway, merge
 from tests.otlp_receiver import OTLPReceiver, dead_endpoint
 from tests.servers import wait_until
@@ -143,6 +146,57 @@ def test_stream_spans_and_time_to_first_chunk(gateway: RunningGateway) -> None:
     assert chat.attributes["gen_ai.usage.output_tokens"] == 3
     metrics = metric_points(gateway)
     assert "gen_ai.client.operation.time_to_first_chunk" in metrics
+
+
+def test_each_figure_is_the_same_in_the_header_the_span_and_the_access_line(
+    gateway: RunningGateway,
+) -> None:
+    r = httpx.post(
+        gateway.base_url + "/chat/completions",
+        headers=ALPHA,
+        json={"model": "gpt-4o-mini", "messages": PII},
+    )
+    assert r.status_code == 200
+    [server], _, _ = spans_by_kind(gateway, 2)
+    wait_until(lambda: bool(gateway.access_lines()), within=5, what="the access line")
+    line = gateway.access_lines()[-1]
+    overhead = server.attributes["tallygate.overhead_ms"]
+    assert r.headers["x-tallygate-overhead-ms"] == f"{overhead:.3f}"
+    assert line["overhead_ms"] == overhead
+    # the cost: the header's plain decimal, the line's nine decimals (both documented)
+    assert Decimal(r.headers["x-tallygate-cost-usd"]) == Decimal(line["cost_usd"]) > 0
+    assert len(line["cost_usd"].split(".")[1]) == 9
+    assert server.attributes["tallygate.cost.usd"] == float(line["cost_usd"])
+
+
+def test_openai_service_tier_and_fingerprint_go_on_the_attempt_span(
+    gateway: RunningGateway, fake_upstream: FakeUpstream
+) -> None:
+    choice = {
+        "index": 0,
+        "message": {"role": "assistant", "content": "hi"},
+        "finish_reason": "stop",
+    }
+    answer = {"id": "chatcmpl-tier", "object": "chat.completion", "created": 1,
+              "model": "gpt-4o-mini", "choices": [choice], "usage": usage_json(5, 1),
+              "service_tier": "default", "system_fingerprint": "fp_44709d6fcb"}  # fmt: skip
+    stream = chat_stream("a b", model="gpt-4o-mini")
+    stream = replace(stream, chunks=[
+        {**c, "service_tier": "flex", "system_fingerprint": "fp_2"} for c in stream.chunks
+    ])  # fmt: skip
+    fake_upstream.enqueue(Reply(json=answer), stream)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    assert httpx.post(gateway.base_url + "/chat/completions", headers=ALPHA, json=body).is_success
+    _, [whole], _ = spans_by_kind(gateway, 2)
+    assert whole.attributes["openai.response.service_tier"] == "default"
+    assert whole.attributes["openai.response.system_fingerprint"] == "fp_44709d6fcb"
+    with httpx.stream("POST", gateway.base_url + "/chat/completions", headers=ALPHA,
+                      json={**body, "stream": True}) as r:  # fmt: skip
+        assert r.status_code == 200 and r.read()
+    _, chats, _ = spans_by_kind(gateway, 4)
+    streamed = next(c for c in chats if c.attributes.get("gen_ai.request.stream"))
+    assert streamed.attributes["openai.response.service_tier"] == "flex"
+    assert streamed.attributes["openai.response.system_fingerprint"] == "fp_2"
 
 
 def test_errors_are_recorded_on_the_server_span(gateway: RunningGateway) -> None:

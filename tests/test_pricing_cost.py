@@ -10,7 +10,7 @@ from decimal import Decimal
 
 import pytest
 
-from pricing.cost import cost_nano, format_usd, max_cost_nano, nano_to_usd, usd_to_nano
+from pricing.cost import cost_nano, format_usd, max_cost_nano
 from pricing.table import Price, PriceTable, output_limit
 from pricing.usage import Usage, usage_from_anthropic
 
@@ -176,40 +176,6 @@ def test_output_limit(table: PriceTable) -> None:
 
 
 @pytest.mark.parametrize(
-    ("value", "nano"),
-    [
-        ("1.5", 1_500_000_000),
-        (Decimal("0.000000001"), 1),
-        (2, 2_000_000_000),
-        ("0.0000000005", 1),  # half-up
-        ("0.00000000049", 0),
-        (" 500 ", 500_000_000_000),
-        ("-0.25", -250_000_000),
-    ],
-)
-def test_usd_to_nano(value: Decimal | str | int, nano: int) -> None:
-    assert usd_to_nano(value) == nano
-
-
-@pytest.mark.parametrize("value", [0.1, True, None])
-def test_usd_to_nano_refuses_floats_and_other_types(value: object) -> None:
-    with pytest.raises(TypeError):
-        usd_to_nano(value)  # type: ignore[arg-type]
-
-
-@pytest.mark.parametrize("value", ["abc", "NaN", "Infinity", ""])
-def test_usd_to_nano_refuses_non_numbers(value: str) -> None:
-    with pytest.raises(ValueError):
-        usd_to_nano(value)
-
-
-def test_nano_to_usd_is_exact() -> None:
-    assert nano_to_usd(123_450) == Decimal("0.00012345")
-    assert nano_to_usd(10**30 + 1) == Decimal("1000000000000000000000.000000001")
-    assert usd_to_nano(nano_to_usd(987_654_321_123)) == 987_654_321_123
-
-
-@pytest.mark.parametrize(
     ("nano", "text"),
     [
         (0, "0"),
@@ -225,3 +191,19 @@ def test_nano_to_usd_is_exact() -> None:
 )
 def test_format_usd(nano: int, text: str) -> None:
     assert format_usd(nano) == text
+
+
+@pytest.mark.parametrize(
+    ("nano", "text"),
+    [
+        (0, "0.000000000"),
+        (1, "0.000000001"),
+        (123_450, "0.000123450"),
+        (1_500_000_000, "1.500000000"),
+        (10**30 + 1, "1000000000000000000000.000000001"),
+        (-5, "-0.000000005"),
+    ],
+)
+def test_format_usd_fixed_keeps_all_nine_decimals(nano: int, text: str) -> None:
+    assert format_usd(nano, fixed=True) == text
+    assert int(text.replace(".", "")) == nano  # exact, whatever the size

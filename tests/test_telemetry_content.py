@@ -110,11 +110,11 @@ async def test_content_goes_to_the_server_span_when_no_attempt_succeeded(
     ctx = request()
     h.tel.start_request(ctx, {})
     a = attempt(ctx)
-    h.tel.start_attempt(ctx, a)
+    ctx.record.attempt(a)
     a.error_type = "connect_error"
-    h.tel.end_attempt(ctx, a)
+    a.record.end()
     ctx.status = 502
     ctx.error_type = "upstream_error"
-    h.tel.finish_request(ctx)
+    ctx.record.finish()
     server = dict(h.span(SpanKind.SERVER).attributes or {})
     assert "gen_ai.input.messages" in server and "gen_ai.output.messages" not in server

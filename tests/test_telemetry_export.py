@@ -52,10 +52,10 @@ async def test_otlp_export_to_a_real_receiver() -> None:
         ctx = request()
         tel.start_request(ctx, {"traceparent": TRACEPARENT})
         a = attempt(ctx)
-        tel.start_attempt(ctx, a)
+        ctx.record.attempt(a)
         succeed(ctx, a)
-        tel.end_attempt(ctx, a)
-        tel.finish_request(ctx)
+        a.record.end()
+        ctx.record.finish()
         await tel.shutdown()  # flushes
 
         spans = {s.kind: s for s in rx.wait_for_spans(2)}

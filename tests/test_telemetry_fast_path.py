@@ -89,7 +89,7 @@ def test_the_gateway_starts_on_the_plain_sdk_when_a_name_is_missing(
         assert r.status_code == 200
         wait_until(lambda: len(gw.spans.get_finished_spans()) >= 2, within=5, what="2 spans")
         telemetry = gw.gateway.telemetry
-    assert telemetry.fast_path is False and isinstance(telemetry._spans, PlainTracer)
+    assert telemetry.fast_path is False and isinstance(telemetry._recorder.spans, PlainTracer)
     [warning] = [r for r in caplog.records if "fast path" in r.getMessage()]
     assert HISTOGRAM in warning.getMessage() and "fast_path: false" in warning.getMessage()
     assert {s.name for s in gw.spans.get_finished_spans()} == {
@@ -129,7 +129,7 @@ def test_the_test_runs_mode_reaches_the_gateway(pytestconfig: pytest.Config, gat
     telemetry = gateway.gateway.telemetry
     assert telemetry.fast_path is fast_path_default(pytestconfig)
     expected = LiteTracer if fast_path_default(pytestconfig) else PlainTracer
-    assert isinstance(telemetry._spans, expected)
+    assert isinstance(telemetry._recorder.spans, expected)
 
 
 def _exchange(cfg: dict, fake: FakeUpstream) -> OTLPReceiver:

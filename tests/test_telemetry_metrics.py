@@ -79,11 +79,11 @@ async def test_unknown_models_collapse_to_other(telemetry: Callable[..., Harness
     ctx = request(model="my-finetune-123")
     h.tel.start_request(ctx, {})
     a = attempt(ctx, model="ft:gpt-4o-mini:acme:xyz")
-    h.tel.start_attempt(ctx, a)
+    ctx.record.attempt(a)
     succeed(ctx, a)
     ctx.response_model = "ft:gpt-4o-mini:acme:xyz"
-    h.tel.end_attempt(ctx, a)
-    h.tel.finish_request(ctx)
+    a.record.end()
+    ctx.record.finish()
     # the span keeps the real names
     assert h.span(SpanKind.CLIENT).attributes["gen_ai.request.model"] == "ft:gpt-4o-mini:acme:xyz"  # type: ignore[index]
     (duration,) = h.metric("gen_ai.client.operation.duration")
@@ -98,9 +98,10 @@ async def test_unknown_models_collapse_to_other(telemetry: Callable[..., Harness
 async def test_counted_events(telemetry: Callable[..., Harness]) -> None:
     h = telemetry()
     ctx = request()
-    h.tel.count("store_error", ctx)
-    h.tel.count("store_error", ctx)
-    h.tel.count("something_new", ctx)
+    h.tel.count("store_error", ctx)  # for a caller that holds the context (budget alerts)
+    h.tel.start_request(ctx, {})
+    ctx.record.count("store_error")  # the pipeline's: through the request's record
+    ctx.record.count("something_new")
     (store,) = h.metric("tallygate.store.errors")
     assert store.value == 2 and dict(store.attributes) == {"tallygate.team": "search"}
     (other,) = h.metric("tallygate.events")

@@ -15,9 +15,9 @@ from typing import Any
 
 import httpx
 import pytest
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from gateway.context import Attempt
 from gateway.telemetry import (
     DURATION_BUCKETS,
     TelemetryConfig,
@@ -118,18 +118,18 @@ async def test_a_failed_attempt_then_a_retry(telemetry: Callable[..., Harness]) 
     ctx = request()
     h.tel.start_request(ctx, {})
     first = attempt(ctx)
-    h.tel.start_attempt(ctx, first)
+    ctx.record.attempt(first)
     first.error_type = "timeout"
     first.ended = time.perf_counter()
-    h.tel.end_attempt(ctx, first)
-    h.tel.count("retry", ctx)
+    first.record.end()
+    ctx.record.count("retry")
     second = attempt(ctx)
-    h.tel.start_attempt(ctx, second)
+    ctx.record.attempt(second)
     succeed(ctx, second)
-    h.tel.end_attempt(ctx, second)
-    h.tel.end_attempt(ctx, second)  # idempotent
-    h.tel.finish_request(ctx)
-    h.tel.finish_request(ctx)  # idempotent too: one line, one SERVER span
+    second.record.end()
+    second.record.end()  # idempotent
+    ctx.record.finish()
+    ctx.record.finish()  # idempotent too: one line, one SERVER span
 
     one, two = sorted(h.client_spans(), key=lambda s: s.attributes["tallygate.attempt"])  # type: ignore[index]
     assert one.attributes["error.type"] == "timeout"  # type: ignore[index]
@@ -157,15 +157,15 @@ async def test_every_attempt_fails(telemetry: Callable[..., Harness]) -> None:
     h.tel.start_request(ctx, {})
     for kind, model in (("anthropic", "claude-sonnet-4-5"), ("openai", "gpt-4.1")):
         a = attempt(ctx, kind=kind, model=model, deployment=f"smart#{len(ctx.attempts)}:{kind}")
-        h.tel.start_attempt(ctx, a)
+        ctx.record.attempt(a)
         a.status = 503
         a.error_type = "503"
-        h.tel.end_attempt(ctx, a)
+        a.record.end()
         if kind == "anthropic":
-            h.tel.count("fallback", ctx)
+            ctx.record.count("fallback")
     ctx.status = 502
     ctx.error_type = "upstream_error"
-    h.tel.finish_request(ctx)
+    ctx.record.finish()
 
     spans = h.client_spans()
     assert [s.name for s in spans] == ["chat claude-sonnet-4-5", "chat gpt-4.1"]
@@ -188,8 +188,8 @@ async def test_a_4xx_is_not_a_server_error(telemetry: Callable[..., Harness]) ->
     ctx.status = 429
     ctx.error_type = "budget_exceeded"
     ctx.rejected = "budget"
-    h.tel.count("rejection", ctx, kind="budget")
-    h.tel.finish_request(ctx)
+    ctx.record.count("rejection", kind="budget")
+    ctx.record.finish()
     server = h.span(SpanKind.SERVER)
     assert server.status.status_code is StatusCode.UNSET  # 4xx: the client's problem
     assert server.attributes["error.type"] == "budget_exceeded"  # type: ignore[index]
@@ -210,13 +210,13 @@ async def test_stream(telemetry: Callable[..., Harness]) -> None:
     ctx = request(stream=True)
     h.tel.start_request(ctx, {})
     a = attempt(ctx)
-    h.tel.start_attempt(ctx, a)
+    ctx.record.attempt(a)
     ctx.first_chunk_at = a.started + 0.05
     for gap in (0.01, 0.03):
-        h.tel.record_chunk_gap(ctx, gap)
+        ctx.record.chunk_gap(gap)
     succeed(ctx, a)
-    h.tel.end_attempt(ctx, a)
-    h.tel.finish_request(ctx)
+    a.record.end()
+    ctx.record.finish()
 
     client = h.span(SpanKind.CLIENT)
     assert client.attributes["gen_ai.request.stream"] is True  # type: ignore[index]
@@ -248,11 +248,11 @@ async def test_a_stream_that_breaks_marks_the_attempt(telemetry: Callable[..., H
     ctx = request(stream=True)
     h.tel.start_request(ctx, {})
     a = attempt(ctx)
-    h.tel.start_attempt(ctx, a)
+    ctx.record.attempt(a)
     succeed(ctx, a)
     ctx.error_type = "stream_interrupted"  # status stays 200: the headers were sent
-    h.tel.end_attempt(ctx, a)
-    h.tel.finish_request(ctx)
+    a.record.end()
+    ctx.record.finish()
     client = h.span(SpanKind.CLIENT)
     assert client.attributes["error.type"] == "stream_interrupted"  # type: ignore[index]
     assert client.status.status_code is StatusCode.ERROR
@@ -269,11 +269,11 @@ async def test_embeddings(telemetry: Callable[..., Harness]) -> None:
     )
     h.tel.start_request(ctx, {})
     a = attempt(ctx, model="text-embedding-3-small", deployment="emb#0:openai")
-    h.tel.start_attempt(ctx, a)
+    ctx.record.attempt(a)
     succeed(ctx, a, Usage(input_tokens=5))
     ctx.output_text = []
-    h.tel.end_attempt(ctx, a)
-    h.tel.finish_request(ctx)
+    a.record.end()
+    ctx.record.finish()
     client = h.span(SpanKind.CLIENT)
     assert client.name == "embeddings text-embedding-3-small"
     assert client.attributes["gen_ai.embeddings.dimension.count"] == 256  # type: ignore[index]
@@ -297,12 +297,12 @@ async def test_instrumented_httpx_client_nests_and_propagates(
         ctx = request()
         h.tel.start_request(ctx, {"traceparent": TRACEPARENT})
         a = attempt(ctx)
-        h.tel.start_attempt(ctx, a)
-        with h.tel.use_attempt(a):
+        ctx.record.attempt(a)
+        with a.record.current():
             await client.post("https://api.openai.com/v1/chat/completions", json={})
         succeed(ctx, a)
-        h.tel.end_attempt(ctx, a)
-        h.tel.finish_request(ctx)
+        a.record.end()
+        ctx.record.finish()
 
     gen_ai = next(s for s in h.client_spans() if s.name.startswith("chat"))
     http = next(s for s in h.client_spans() if s.name == "POST")
@@ -327,13 +327,13 @@ async def test_without_http_spans_the_attempt_span_goes_upstream(
         ctx = request()
         h.tel.start_request(ctx, {"traceparent": TRACEPARENT, "tracestate": "vendor=1"})
         a = attempt(ctx)
-        h.tel.start_attempt(ctx, a)
-        with h.tel.use_attempt(a):
+        ctx.record.attempt(a)
+        with a.record.current():
             await client.post("https://api.openai.com/v1/chat/completions", json={},
-                              headers=h.tel.trace_headers(a))  # fmt: skip
+                              headers=a.record.trace_headers())  # fmt: skip
         succeed(ctx, a)
-        h.tel.end_attempt(ctx, a)
-        h.tel.finish_request(ctx)
+        a.record.end()
+        ctx.record.finish()
 
     assert [s.name for s in h.client_spans()] == ["chat gpt-4o-mini"]  # no HTTP span
     gen_ai = h.span(SpanKind.CLIENT)
@@ -343,29 +343,37 @@ async def test_without_http_spans_the_attempt_span_goes_upstream(
     assert seen[0].headers["tracestate"] == "vendor=1"
 
 
-async def test_trace_headers_empty_without_a_recorded_trace(
+async def test_trace_headers_empty_without_a_span(telemetry: Callable[..., Harness]) -> None:
+    h = telemetry()
+    ctx = request()
+    record = h.tel.start_request(ctx, {})
+    record.finish()
+    late = record.attempt(attempt(ctx))  # a finished record records nothing more
+    assert late.span is None and late.trace_headers() == {}
+    with late.current():
+        pass  # nothing to make current, no error
+    late.fail("timeout")
+    assert h.client_spans() == []
+    h2 = telemetry(TelemetryConfig(exporter="none", http_spans=True))
+    ctx2 = request()
+    h2.tel.start_request(ctx2, {})
+    att = ctx2.record.attempt(attempt(ctx2))
+    assert att.span is not None
+    assert att.trace_headers() == {}  # the instrumentation injects its own
+
+
+async def test_current_makes_the_attempt_span_current_and_lets_the_body_raise(
     telemetry: Callable[..., Harness],
 ) -> None:
-    h = telemetry()
-    ctx = request()
-    a = attempt(ctx)  # no span started for it
-    assert h.tel.trace_headers(a) == {}
-    h2 = telemetry(TelemetryConfig(exporter="none", http_spans=True))
-    h2.tel.start_request(ctx, {})
-    h2.tel.start_attempt(ctx, a)
-    assert h2.tel.trace_headers(a) == {}  # the instrumentation injects its own
-
-
-async def test_use_attempt_lets_the_body_raise(telemetry: Callable[..., Harness]) -> None:
-    h = telemetry()
+    h = telemetry(TelemetryConfig(exporter="none", http_spans=True))
     ctx = request()
     h.tel.start_request(ctx, {})
-    a = attempt(ctx)
-    h.tel.start_attempt(ctx, a)
-    with pytest.raises(httpx.ConnectError), h.tel.use_attempt(a):
+    att = ctx.record.attempt(attempt(ctx))
+    assert att.span is not None
+    with pytest.raises(httpx.ConnectError), att.current():
+        assert trace.get_current_span().get_span_context() == att.span.get_span_context()
         raise httpx.ConnectError("refused")
-    with h.tel.use_attempt(Attempt(9, "d", "p", "openai", "m", None, None)):
-        pass  # an attempt telemetry never saw: nothing to make current, no error
+    assert not trace.get_current_span().get_span_context().is_valid  # detached again
 
 
 # --- never fails a request -----------------------------------------------------------------------
@@ -383,8 +391,9 @@ async def test_a_failure_inside_telemetry_never_reaches_the_request(
     with caplog.at_level(logging.ERROR, logger="gateway.telemetry"):
         for _ in range(3):
             run_ok(h, request())
-        h.tel.record_chunk_gap(object(), 0.1)  # type: ignore[arg-type]
-        h.tel.start_attempt(object(), object())  # type: ignore[arg-type]
+        record = h.tel.start_request(request(), {})
+        record.chunk_gap("not a number")  # type: ignore[arg-type]
+        record.attempt(object())  # type: ignore[arg-type]
     assert len(h.lines()) == 3  # the access line is still written
     assert len(h.finished()) == 6  # and the spans ended, without content
     for span in h.finished():

@@ -81,11 +81,11 @@ def anthropic_error_type(status: int) -> str:
 
 def openai_error(
     message: str, kind: str, code: str | None = None, param: str | None = None
-) -> dict:
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-def anthropic_error(message: str, kind: str) -> dict:
+def anthropic_error(message: str, kind: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": message}}
 
 
@@ -104,7 +104,7 @@ def error_message(body: Any, raw: bytes = b"") -> tuple[str | None, str | None]:
     return None, text or None
 
 
-def openai_error_from_anthropic(status: int | None, body: Any, raw: bytes = b"") -> dict:
+def openai_error_from_anthropic(status: int | None, body: Any, raw: bytes = b"") -> dict[str, Any]:
     """An Anthropic error body (or any body with an error status) → OpenAI's error shape.
 
     `type` is OpenAI's name for the class (server_error for 5xx), `code` the Anthropic
@@ -117,7 +117,7 @@ def openai_error_from_anthropic(status: int | None, body: Any, raw: bytes = b"")
     return openai_error(message or f"Anthropic answered HTTP {status}.", openai_kind, kind)
 
 
-def anthropic_error_from_openai(status: int | None, body: Any, raw: bytes = b"") -> dict:
+def anthropic_error_from_openai(status: int | None, body: Any, raw: bytes = b"") -> dict[str, Any]:
     """An OpenAI error body → Anthropic's error shape, the type from the status (or, inside
     a stream, from the error's own code or type when it is an Anthropic type)."""
     err = body.get("error") if isinstance(body, Mapping) else None
@@ -210,7 +210,7 @@ def dump_arguments(value: Any) -> str:
         and set(value) == {RAW_ARGUMENTS}
         and isinstance(value[RAW_ARGUMENTS], str)
     ):
-        return value[RAW_ARGUMENTS]  # the round trip of parse_arguments
+        return str(value[RAW_ARGUMENTS])  # the round trip of parse_arguments
     return orjson.dumps(value if value is not None else {}).decode()
 
 

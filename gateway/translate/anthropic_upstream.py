@@ -126,7 +126,9 @@ def append_turn(out: list[dict[str, Any]], role: str, blocks: list[dict[str, Any
         out.append({"role": role, "content": blocks})
 
 
-def with_cache_control(blocks: list[dict[str, Any]], message: Mapping[str, Any]) -> list:
+def with_cache_control(
+    blocks: list[dict[str, Any]], message: Mapping[str, Any]
+) -> list[dict[str, Any]]:
     """A message-level cache_control marks the message's last block (Anthropic's unit)."""
     marker = message.get("cache_control")
     if marker is not None and blocks:
