@@ -28,7 +28,7 @@ from gateway import genai_attributes as gen
 from gateway.config import AlertsConfig, Config
 from gateway.spend import iso
 from policies.store import BudgetScope, SpendRow, Store, StoreError
-from pricing.cost import format_usd
+from pricing.cost import NANO_PER_USD, format_usd
 
 if TYPE_CHECKING:
     from gateway.context import RequestContext
@@ -359,8 +359,8 @@ def span_event(ctx: RequestContext, alert: Alert) -> None:
                 gen.TALLYGATE_KEY: alert.key or "",
                 "tallygate.budget.scope": alert.scope,
                 "tallygate.budget.threshold": alert.threshold,
-                "tallygate.budget.spent_usd": alert.spent_nano / 1e9,
-                "tallygate.budget.limit_usd": alert.limit_nano / 1e9,
+                "tallygate.budget.spent_usd": alert.spent_nano / NANO_PER_USD,
+                "tallygate.budget.limit_usd": alert.limit_nano / NANO_PER_USD,
                 "tallygate.budget.period": alert.period_key,
             },
         )
