@@ -107,7 +107,7 @@ def refused(message_text: str) -> UpstreamResponse:
 
 
 def rewritten_headers(upstream: Mapping[str, str], kind: Mapping[str, str]) -> dict[str, str]:
-    out = {k: v for k, v in upstream.items() if k.lower() not in _BODY_HEADERS}
+    out = {n: v for k, v in upstream.items() if (n := k.lower()) not in _BODY_HEADERS}
     out.update(kind)
     return out
 

@@ -16,6 +16,7 @@ from gateway.alerts import Alerts
 from gateway.auth import KeyIndex
 from gateway.config import Config, ProviderConfig
 from gateway.providers.base import Provider
+from gateway.providers.http import AiohttpUpstream, HttpxUpstream
 from gateway.providers.registry import build_provider
 from gateway.routing import Router
 from gateway.tasks import TaskSet
@@ -218,7 +219,11 @@ class Gateway:
 def new_provider(
     name: str, config: ProviderConfig, counter: TokenCounter, telemetry: Telemetry
 ) -> Provider:
-    provider = build_provider(name, config, counter=counter)
+    """HTTP providers send through plain aiohttp, unless `telemetry.http_spans` asks for the
+    OpenTelemetry httpx instrumentation's spans: then through httpx, whose client (the
+    provider's `client`) is instrumented."""
+    upstream = HttpxUpstream if telemetry.config.http_spans else AiohttpUpstream
+    provider = build_provider(name, config, counter=counter, upstream=upstream)
     client = getattr(provider, "client", None)
     if client is not None:
         telemetry.instrument_client(client)

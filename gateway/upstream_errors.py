@@ -2,47 +2,50 @@
 
 `mapped()` wraps a provider's send and its stream, as httpx's map_httpcore_exceptions
 does: past it, a failure is an UpstreamError or UpstreamTimeout whose `kind` is the
-attempt's low-cardinality error.type, never an OSError or an httpx/aiohttp exception."""
+attempt's low-cardinality error.type, never an OSError or an aiohttp/httpx exception."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
 
+import aiohttp
 import httpx
 
 from gateway.errors import GatewayError, UpstreamError, UpstreamTimeout
 from gateway.providers.base import UpstreamResponse
 
-TRANSPORT_ERRORS = (httpx.HTTPError, asyncio.TimeoutError, OSError)
-
-
-def is_timeout(exc: BaseException) -> bool:
-    # The aiohttp transport maps *every* aiohttp connection error to httpx.ConnectTimeout,
-    # so look at the cause it chained before believing the httpx class.
-    cause = exc.__cause__
-    if cause is not None and cause.__class__.__module__.startswith("aiohttp"):
-        return isinstance(cause, asyncio.TimeoutError) or "Timeout" in type(cause).__name__
-    return isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError)
+# aiohttp's (the default client) and httpx's (telemetry.http_spans) exceptions, and what
+# either lets through unwrapped
+TRANSPORT_ERRORS = (aiohttp.ClientError, httpx.HTTPError, asyncio.TimeoutError, OSError)
 
 
 def error_type(exc: BaseException) -> str:
-    """Low-cardinality error.type for spans and metrics."""
-    if is_timeout(exc):
+    """Low-cardinality error.type for spans and metrics: the same for an aiohttp exception
+    whether it comes raw or wrapped by the httpx transport."""
+    cause = exc.__cause__
+    if isinstance(exc, httpx.HTTPError) and isinstance(cause, aiohttp.ClientError):
+        # httpx_aiohttp maps *every* aiohttp connection error to httpx.ConnectTimeout:
+        # classify the aiohttp exception it chained, not the httpx class
+        return aiohttp_error_type(cause)
+    if isinstance(exc, aiohttp.ClientError):
+        return aiohttp_error_type(exc)
+    if isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError):
         return "timeout"
-    cause = exc.__cause__ or exc
-    name = type(cause).__name__
-    if (
-        isinstance(exc, httpx.ConnectError)
-        or "Connector" in name
-        or isinstance(cause, ConnectionRefusedError)
-    ):
+    if isinstance(exc, httpx.ConnectError | ConnectionRefusedError):
         return "connection_error"
-    if (
-        isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError)
-        or "Disconnected" in name
-        or "Payload" in name
-    ):
+    if isinstance(exc, httpx.RemoteProtocolError | httpx.ReadError):
+        return "protocol_error"
+    return "transport_error"
+
+
+def aiohttp_error_type(exc: aiohttp.ClientError) -> str:
+    if isinstance(exc, asyncio.TimeoutError):  # ServerTimeoutError and its subclasses
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError | ConnectionRefusedError):
+        return "connection_error"
+    # the connection closed before the response, or in the middle of its body
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientPayloadError):
         return "protocol_error"
     return "transport_error"
 

@@ -11,12 +11,12 @@ import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import httpx
 import orjson
+import yarl
 
 from gateway.config import ProviderConfig
 from gateway.providers.base import UpstreamResponse
-from gateway.providers.http import make_client, timeouts
+from gateway.providers.http import AiohttpUpstream, UpstreamFactory
 from gateway.sse import SSEDecoder, is_sse
 from gateway.translate.anthropic_common import (
     DONE,
@@ -64,19 +64,20 @@ class AnthropicProvider:
         self,
         name: str,
         config: ProviderConfig,
-        client: httpx.AsyncClient | None = None,
         *,
         max_output: Callable[[str], int] | None = None,
         counter: TokenCounter | None = None,  # the registry's: unused here
+        upstream: UpstreamFactory | None = None,  # the HTTP client: AiohttpUpstream if None
     ) -> None:
         self.name = name
         self.config = config
         base = (config.base_url or DEFAULT_BASE_URL).rstrip("/")
         self.base_url = base.removesuffix("/v1")  # both spellings of the base work
-        url = httpx.URL(self.base_url)
+        url = yarl.URL(self.base_url)
         self.server_address: str | None = url.host
         self.server_port: int | None = url.port or (443 if url.scheme == "https" else 80)
-        self.client = client or make_client(config)
+        self.http = (upstream or AiohttpUpstream)(config)
+        self.client = self.http.client  # for the httpx instrumentation (telemetry.http_spans)
         self._headers = {
             "content-type": "application/json",
             "accept-encoding": "identity",  # streams are read as they come; gzip costs CPU
@@ -88,8 +89,7 @@ class AnthropicProvider:
         # (what admission reserved for it), looked up once per model.
         self._max_output = max_output or table_max_output()
         self._caps: dict[str, int] = {}
-        self._timeouts: dict[float, dict[str, float | None]] = {}
-        self._urls: dict[str, httpx.URL] = {}
+        self._urls: dict[str, Any] = {}  # the client's URL objects, built once
         self._betas = next(
             (v for k, v in config.headers.items() if k.lower() == "anthropic-beta"), None
         )
@@ -101,7 +101,7 @@ class AnthropicProvider:
         return {"x-api-key": key}
 
     async def aclose(self) -> None:
-        await self.client.aclose()
+        await self.http.aclose()
 
     async def send(
         self,
@@ -119,19 +119,17 @@ class AnthropicProvider:
             request = messages_request(body, self.default_max_tokens(model))
         except TranslationError as exc:
             return refused(exc.message, exc.param)
-        response = await self._post("/v1/messages", orjson.dumps(request.body), headers, timeout_s)
-        if stream and response.status_code == 200:
+        up = await self._post(
+            "/v1/messages", orjson.dumps(request.body), headers, timeout_s, stream
+        )
+        if up.chunks is not None:  # a 200 to a stream request
             return UpstreamResponse(
                 200,
-                rewritten_headers(response.headers, SSE_HEADERS),
-                chunks=translated_stream(response.aiter_raw(), request),
-                close=response.aclose,
+                rewritten_headers(up.headers, SSE_HEADERS),
+                chunks=translated_stream(up.chunks, request),
+                close=up.close,
             )
-        try:
-            content = await response.aread()
-        finally:
-            await response.aclose()
-        return translated_body(response.status_code, response.headers, content, request)
+        return translated_body(up.status, up.headers, up.body or b"", request)
 
     async def send_native(
         self,
@@ -150,16 +148,7 @@ class AnthropicProvider:
         extra = {k.lower(): v for k, v in headers.items() if k.lower() not in _AUTH_HEADERS}
         if self._betas and "anthropic-beta" in extra:
             extra["anthropic-beta"] = joined_betas(self._betas, extra["anthropic-beta"])
-        response = await self._post(path, content, extra, timeout_s)
-        if stream and response.status_code == 200:
-            return UpstreamResponse(
-                200, response.headers, chunks=response.aiter_raw(), close=response.aclose
-            )
-        try:
-            data = await response.aread()
-        finally:
-            await response.aclose()
-        return UpstreamResponse(response.status_code, response.headers, body=data)
+        return await self._post(path, content, extra, timeout_s, stream)
 
     def default_max_tokens(self, model: str) -> int:
         cap = self._caps.get(model)
@@ -168,23 +157,12 @@ class AnthropicProvider:
         return cap
 
     async def _post(
-        self, path: str, content: bytes, headers: Mapping[str, str], timeout_s: float
-    ) -> httpx.Response:
-        timeout = self._timeouts.get(timeout_s)
-        if timeout is None:
-            timeout = self._timeouts[timeout_s] = timeouts(self.config, timeout_s).as_dict()
+        self, path: str, content: bytes, headers: Mapping[str, str], timeout_s: float, stream: bool
+    ) -> UpstreamResponse:
         url = self._urls.get(path)
         if url is None:
-            url = self._urls[path] = httpx.URL(self.base_url + path)
-        request = httpx.Request(
-            "POST",
-            url,
-            content=content,
-            headers={**self._headers, **headers},
-            extensions={"timeout": timeout},
-        )
-        # Straight to the (instrumented) transport; see gateway.providers.http.make_client.
-        return await self.client._transport.handle_async_request(request)
+            url = self._urls[path] = self.http.url(self.base_url + path)
+        return await self.http.send(url, content, {**self._headers, **headers}, timeout_s, stream)
 
 
 def joined_betas(configured: str, requested: str) -> str:
@@ -200,8 +178,9 @@ def refused(message: str, param: str | None = None) -> UpstreamResponse:
 
 
 def rewritten_headers(upstream: Mapping[str, str], kind: Mapping[str, str]) -> dict[str, str]:
-    """The upstream's headers (retry-after, request-id, ...) for a body we rewrote."""
-    out = {k: v for k, v in upstream.items() if k.lower() not in _BODY_HEADERS}
+    """The upstream's headers (retry-after, request-id, ...) for a body we rewrote, named in
+    lower case (looked up so in a plain dict; aiohttp keeps the upstream's spelling)."""
+    out = {n: v for k, v in upstream.items() if (n := k.lower()) not in _BODY_HEADERS}
     out.update(kind)
     return out
 

@@ -60,6 +60,7 @@ class Provider(Protocol):
         headers: Mapping[str, str],
     ) -> UpstreamResponse:
         """Send ``body`` (model already rewritten) upstream, with ``headers`` (x-request-id,
-        traceparent) besides the provider's own. Raises httpx errors on transport
-        failure; those are mapped to gateway errors in one place (gateway.upstream_errors)."""
+        traceparent) besides the provider's own. Raises its HTTP client's errors (aiohttp's
+        or httpx's, gateway.providers.http) on transport failure; those are mapped to
+        gateway errors in one place (gateway.upstream_errors)."""
         ...

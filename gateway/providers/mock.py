@@ -13,13 +13,16 @@ import itertools
 import re
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import orjson
 
 from gateway.config import ProviderConfig
 from gateway.providers.base import OPERATION_PATHS, UpstreamResponse
 from pricing.tokens import TokenCounter
+
+if TYPE_CHECKING:
+    from gateway.providers.http import UpstreamFactory
 
 WORDS = re.compile(r"\S+\s*")
 JSON_HEADERS = {"content-type": "application/json"}
@@ -82,7 +85,14 @@ class MockProvider:
     kind: ClassVar[str] = "mock"
     operations: ClassVar[frozenset[str]] = frozenset(OPERATION_PATHS)
 
-    def __init__(self, name: str, config: ProviderConfig, *, counter: TokenCounter) -> None:
+    def __init__(
+        self,
+        name: str,
+        config: ProviderConfig,
+        *,
+        counter: TokenCounter,
+        upstream: UpstreamFactory | None = None,  # the registry's: no HTTP here
+    ) -> None:
         self.name = name
         self.config = config
         self.counter = counter

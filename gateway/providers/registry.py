@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import ProviderConfig
 from gateway.providers import PROVIDERS
 from gateway.providers.base import Provider
 from pricing.tokens import TokenCounter
+
+if TYPE_CHECKING:
+    from gateway.providers.http import UpstreamFactory
 
 
 def provider_class(kind: str) -> Any:
@@ -19,7 +22,16 @@ def provider_class(kind: str) -> Any:
     return getattr(importlib.import_module(module), cls)
 
 
-def build_provider(name: str, config: ProviderConfig, *, counter: TokenCounter) -> Provider:
-    """Every provider class takes (name, config, *, counter): the gateway's token counter,
-    which the mock answers with and HTTP providers ignore."""
-    return provider_class(config.kind)(name, config, counter=counter)  # type: ignore[no-any-return]
+def build_provider(
+    name: str,
+    config: ProviderConfig,
+    *,
+    counter: TokenCounter,
+    upstream: UpstreamFactory | None = None,
+) -> Provider:
+    """Every provider class takes (name, config, *, counter, upstream): the gateway's token
+    counter, which the mock answers with and HTTP providers ignore; and the HTTP client
+    class HTTP providers send through (gateway.providers.http; None: AiohttpUpstream),
+    which the mock ignores."""
+    cls = provider_class(config.kind)
+    return cls(name, config, counter=counter, upstream=upstream)  # type: ignore[no-any-return]
