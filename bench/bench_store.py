@@ -31,9 +31,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime
 
 from policies.config import StoreConfig
-from policies.store import BudgetScope, RateScope, Reservation, Store
-from policies.store_local import LocalStore
-from policies.store_redis import RedisStore
+from policies.stores.base import BudgetScope, RateScope, Reservation, Store
+from policies.stores.local import LocalStore
+from policies.stores.redis import RedisStore
 from tests.redis_server import RedisServer
 
 END = datetime(2100, 1, 1, tzinfo=UTC).timestamp()

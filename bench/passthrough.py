@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=("uvloop", "batch"),
         default="uvloop",
         help="uvloop's own accept (one connection per loop turn, the bare stack) or the "
-        "gateway's batch listener (gateway/listener.py)",
+        "gateway's batch listener (gateway/server/listener.py)",
     )
     args = parser.parse_args(argv)
     print(
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
         make_app(args.upstream, args.transport),
         host=args.host,
         port=args.port,
-        loop="uvloop" if args.accept == "uvloop" else "gateway.listener:new_event_loop",
+        loop="uvloop" if args.accept == "uvloop" else "gateway.server.listener:new_event_loop",
         http="httptools",
         access_log=False,
         log_level="warning",

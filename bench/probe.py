@@ -244,9 +244,9 @@ def timed(probe: Probe, kind: str, owner: Any, name: str) -> None:
 def hook_gateway(probe: Probe) -> None:
     """The gateway's background work, when this process is the gateway."""
     try:
-        from gateway.access_log import AccessLog
-        from gateway.span_export import EncodedSpanProcessor
-        from policies.ledger_memory import MemoryLedger
+        from gateway.telemetry.access_log import AccessLog
+        from gateway.telemetry.fast.span_export import EncodedSpanProcessor
+        from policies.stores.ledger_memory import MemoryLedger
     except ImportError:
         return
     from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader

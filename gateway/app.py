@@ -20,10 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from gateway import runtime
-from gateway.apis import CHAT, EMBEDDINGS, MESSAGES, RESPONSES, TEXT_COMPLETION, Api
 from gateway.config import Config, ConfigError, config_path
-from gateway.count_tokens import count_tokens
 from gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -31,9 +28,12 @@ from gateway.errors import (
     PermissionDenied,
     error_response,
 )
-from gateway.pipeline import handle
-from gateway.reload import CannotReload, Reloader, bad_key
-from gateway.spend import spend_report
+from gateway.pipeline.apis import CHAT, EMBEDDINGS, MESSAGES, RESPONSES, TEXT_COMPLETION, Api
+from gateway.pipeline.count_tokens import count_tokens
+from gateway.pipeline.handle import handle
+from gateway.pipeline.spend import spend_report
+from gateway.server import runtime
+from gateway.server.reload import CannotReload, Reloader, bad_key
 from gateway.state import Gateway, TelemetryHooks
 
 Endpoint = Callable[[Request], Awaitable[Response]]
@@ -49,7 +49,7 @@ def gateway_of(request: Request) -> Gateway:
 
 class OnSnapshot:
     """A route's ASGI app, run on the Gateway snapshot current when its request arrives
-    (gateway/reload.py swaps app.state.gateway): the request reads that snapshot to its end,
+    (gateway/server/reload.py swaps app.state.gateway): the request reads that snapshot to its end,
     a stream's last byte included, and is counted in its `in_flight` meanwhile, so a reload
     closes a replaced provider only when no request uses it."""
 
@@ -297,7 +297,7 @@ def create_app(
     source: str | Path | None = None,
 ) -> Starlette:
     """The app. `serving`: this process exists to serve it (`tallygate serve`), so the
-    interpreter's garbage collector is tuned for it (gateway/runtime.py) and SIGHUP reloads
+    interpreter's garbage collector is tuned for it (gateway/server/runtime.py) and SIGHUP reloads
     the config. `source`: the config file a reload re-reads; serving, it defaults to the
     one `config` was loaded from ($TALLYGATE_CONFIG, else ./config.yaml)."""
     if source is None and serving:

@@ -121,8 +121,9 @@ FORECAST_NOTES = {"outlasts_period": "after period end", "no_spend": "no spend y
 
 
 async def print_spend(config: Config, team: str | None, as_json: bool) -> int:
-    from gateway.spend import spend_report
-    from policies.store import StoreError, open_store
+    from gateway.pipeline.spend import spend_report
+    from policies.stores import open_store
+    from policies.stores.base import StoreError
 
     if team is not None and team not in config.teams:
         print(f"error: unknown team '{team}'", file=sys.stderr)
@@ -285,7 +286,7 @@ def run_server(config: Config, args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     workers = args.workers or config.server.workers
-    from gateway.http_limits import LimitedHttpToolsProtocol, http_limits
+    from gateway.server.limits import LimitedHttpToolsProtocol, http_limits
 
     limits, backlog = http_limits(config)
     options = dict(
@@ -304,7 +305,7 @@ def run_server(config: Config, args: argparse.Namespace) -> int:
         if config.store.backend == "local"
         else f" {redact_url(config.store.redis_url)}"
     )
-    from gateway.telemetry import describe_export
+    from gateway.telemetry.facade import describe_export
 
     exporter = describe_export(config.telemetry, os.environ)
     print(
@@ -326,9 +327,9 @@ def run_server(config: Config, args: argparse.Namespace) -> int:
         uvicorn.run(app, **options)  # type: ignore[arg-type]
         return 0
     # Several processes: each worker re-reads the config file named in the environment.
-    from gateway.reload import SUPERVISOR_ENV
-    from gateway.supervisor import ReloadingSupervisor
-    from gateway.telemetry import prepare_multiprocess
+    from gateway.server.reload import SUPERVISOR_ENV
+    from gateway.server.supervisor import ReloadingSupervisor
+    from gateway.telemetry.facade import prepare_multiprocess
 
     os.environ["TALLYGATE_CONFIG"] = str(source)
     os.environ["TALLYGATE_WORKERS"] = str(workers)
@@ -342,7 +343,7 @@ def run_server(config: Config, args: argparse.Namespace) -> int:
         **options,  # type: ignore[arg-type]
     )
     # uvicorn.run with workers, but SIGHUP reloads each worker's config instead of
-    # replacing the workers (gateway/supervisor.py).
+    # replacing the workers (gateway/server/supervisor.py).
     with contextlib.suppress(KeyboardInterrupt):
         ReloadingSupervisor(server, sockets=[server.bind_socket()]).run()
     return 0
@@ -369,12 +370,12 @@ def worker_logging() -> dict[str, Any]:
 
 
 def event_loop() -> str:
-    """uvloop with a listening socket that accepts a batch per loop turn (gateway/listener.py)."""
+    """uvloop with a listening socket that accepts a batch per loop turn (gateway/server/listener.py)."""
     try:
         import uvloop  # noqa: F401
     except ImportError:
         return "asyncio"  # asyncio's loop accepts a batch per turn already
-    return "gateway.listener:new_event_loop"
+    return "gateway.server.listener:new_event_loop"
 
 
 def redact_url(url: str) -> str:

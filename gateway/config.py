@@ -20,7 +20,7 @@ from pydantic import (
 )
 
 from gateway.providers import PROVIDERS
-from gateway.telemetry_config import TelemetryConfig
+from gateway.telemetry.config import TelemetryConfig
 from policies.config import BudgetConfig, RateLimitConfig, StoreConfig
 from policies.redaction import RedactionConfig
 from pricing.config import PricingConfig
@@ -45,7 +45,7 @@ class ServerConfig(Strict):
     drain_timeout_s: float = Field(
         default=30, ge=0
     )  # SIGTERM: wait this long for in-flight requests
-    # Limits at the HTTP layer (gateway/http_limits.py), safe for an internet-facing process.
+    # Limits at the HTTP layer (gateway/server/limits.py), safe for an internet-facing process.
     max_header_kb: int = Field(default=64, ge=1)  # URL + headers; over it: 431
     header_timeout_s: float = Field(default=10, gt=0)  # to send a request head; then closed
     max_connections: int = Field(default=10000, ge=1)  # per worker; more: 503 and closed
@@ -106,7 +106,7 @@ class KeyConfig(Strict):
 
 
 class AlertsConfig(Strict):
-    """Budget alerts (gateway/alerts.py). ``teams.<team>.alerts`` overrides the top-level
+    """Budget alerts (gateway/pipeline/alerts.py). ``teams.<team>.alerts`` overrides the top-level
     section field by field: each field the team sets replaces the top level's (headers
     as a whole), the others are inherited; ``webhook_url: null`` there sends none."""
 

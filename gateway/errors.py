@@ -121,7 +121,7 @@ class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
     code = "upstream_error"
-    kind = "upstream_error"  # a transport failure's error.type (gateway.upstream_errors)
+    kind = "upstream_error"  # a transport failure's error.type (gateway.pipeline.upstream_errors)
 
 
 class UpstreamTimeout(GatewayError):

@@ -12,17 +12,18 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from gateway import __version__
-from gateway.alerts import Alerts
-from gateway.auth import KeyIndex
 from gateway.config import Config, ProviderConfig
+from gateway.pipeline.alerts import Alerts
+from gateway.pipeline.auth import KeyIndex
+from gateway.pipeline.routing import Router
 from gateway.providers.base import Provider
 from gateway.providers.http import AiohttpUpstream, HttpxUpstream
 from gateway.providers.registry import build_provider
-from gateway.routing import Router
 from gateway.tasks import TaskSet
-from gateway.telemetry import Telemetry
+from gateway.telemetry.facade import Telemetry
 from policies.redaction import Redactor
-from policies.store import Store, open_store
+from policies.stores import open_store
+from policies.stores.base import Store
 from pricing.table import PriceTable, host_tag
 from pricing.tokens import TokenCounter
 
@@ -80,7 +81,7 @@ class TelemetryHooks:
 
 @dataclass
 class Gateway:
-    """One snapshot of the gateway. A reload (gateway/reload.py) builds a new snapshot whose
+    """One snapshot of the gateway. A reload (gateway/server/reload.py) builds a new snapshot whose
     config-derived parts (config, keys, router, providers, prices, redactor) are new and whose
     process-wide parts (store, telemetry, alerts, tasks, counter) are shared, then swaps it in:
     a request keeps the snapshot it started on to its end."""

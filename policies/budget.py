@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, date, datetime, timedelta
 
 from policies.config import BudgetConfig, Period, RateLimitConfig
-from policies.store import BudgetScope, RateScope
+from policies.stores.base import BudgetScope, RateScope
 from pricing.cost import NANO_PER_USD
 
 

@@ -17,7 +17,7 @@ class Strict(BaseModel):
 
 class BudgetConfig(Strict):
     # At most $1B: the limit in nano-USD then stays below the ledger's saturation bound
-    # (policies.store.MAX_LEDGER_NANO, ~$4.6B), so a saturated ledger still refuses.
+    # (policies.stores.base.MAX_LEDGER_NANO, ~$4.6B), so a saturated ledger still refuses.
     limit_usd: Decimal = Field(ge=0, le=10**9)
     period: Period = "monthly"
 

@@ -14,8 +14,8 @@ and both levels. (GCRA's usual state, the theoretical arrival time, equals
 counts are exact in floating point, while adding 60/L to a unix timestamp loses ~0.1 µs
 per step and miscounts limits of thousands per minute.)
 
-``policies/store_redis.py`` runs the same arithmetic in Lua (times in milliseconds);
-``policies/store_local.py`` runs it here, on rows from SQLite when several processes
+``policies/stores/redis.py`` runs the same arithmetic in Lua (times in milliseconds);
+``policies/stores/local.py`` runs it here, on rows from SQLite when several processes
 share the windows.
 """
 
@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 
-from policies.store import RateDecision, RateScope, RateState
+from policies.stores.base import RateDecision, RateScope, RateState
 
 WINDOW_S = 60.0
 _EPS = 1e-6  # units: slack for the fractions draining leaves behind

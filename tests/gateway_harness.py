@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 from gateway.app import create_app
 from gateway.config import parse_config
-from gateway.http_limits import LimitedHttpToolsProtocol, http_limits
+from gateway.server.limits import LimitedHttpToolsProtocol, http_limits
 from gateway.state import TelemetryHooks
 from tests.servers import ServerThread
 

@@ -17,8 +17,8 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from gateway.context import Attempt, Principal, RequestContext
-from gateway.telemetry import Telemetry, TelemetryConfig
+from gateway.pipeline.context import Attempt, Principal, RequestContext
+from gateway.telemetry.facade import Telemetry, TelemetryConfig
 from pricing.usage import Usage
 
 KNOWN = {"gpt-4o-mini", "smart", "claude-sonnet-4-5", "gpt-4.1", "text-embedding-3-small"}

@@ -42,7 +42,7 @@ def pytest_report_header(config: pytest.Config) -> str:
 def pytest_configure(config: pytest.Config) -> None:
     if fast_path_default(config):
         return
-    from gateway.telemetry import Telemetry
+    from gateway.telemetry.facade import Telemetry
 
     create = Telemetry.create.__func__  # type: ignore[attr-defined]
 

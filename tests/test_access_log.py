@@ -1,13 +1,13 @@
-"""gateway.access_log: the one line per request."""
+"""gateway.telemetry.access_log: the one line per request."""
 
 from __future__ import annotations
 
 import io
 import json
 
-from gateway.access_log import FIELDS, AccessLog, access_record, format_text
-from gateway.context import Attempt, Principal, RequestContext
 from gateway.iso_time import iso_utc
+from gateway.pipeline.context import Attempt, Principal, RequestContext
+from gateway.telemetry.access_log import FIELDS, AccessLog, access_record, format_text
 from pricing.usage import Usage
 from tests.servers import async_wait_until
 

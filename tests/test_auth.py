@@ -1,4 +1,4 @@
-"""gateway.auth: which header's key is read, and which principal it names.
+"""gateway.pipeline.auth: which header's key is read, and which principal it names.
 
 Headers are starlette's own `Headers`, as the routes pass them (case-insensitive names).
 """
@@ -8,10 +8,10 @@ from __future__ import annotations
 import pytest
 from starlette.datastructures import Headers
 
-from gateway.auth import KeyIndex, presented_key
 from gateway.config import Config, hash_key
-from gateway.context import Principal
 from gateway.errors import AuthenticationFailed
+from gateway.pipeline.auth import KeyIndex, presented_key
+from gateway.pipeline.context import Principal
 
 CONFIG = Config.model_validate(
     {

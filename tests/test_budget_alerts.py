@@ -24,15 +24,15 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from gateway import alerts as alerts_module
-from gateway.alerts import Alert, Alerts, span_event
 from gateway.config import parse_config
-from gateway.context import Principal, RequestContext
-from gateway.spend import forecast
-from gateway.telemetry import Telemetry, TelemetryConfig
+from gateway.pipeline import alerts as alerts_module
+from gateway.pipeline.alerts import Alert, Alerts, span_event
+from gateway.pipeline.context import Principal, RequestContext
+from gateway.pipeline.spend import forecast
+from gateway.telemetry.facade import Telemetry, TelemetryConfig
 from policies.config import BudgetConfig, StoreConfig
-from policies.store import BudgetScope, SpendRow
-from policies.store_local import LocalStore
+from policies.stores.base import BudgetScope, SpendRow
+from policies.stores.local import LocalStore
 from tests.gateway_harness import KEYS, RunningGateway, running_gateway, serve_command
 from tests.redis_server import RedisServer, require_redis_server
 from tests.servers import ServerThread, free_port, run_process_server, wait_until

@@ -11,7 +11,7 @@ import pytest
 
 from policies.budget import budget_scopes, current_period, limit_nano, rate_scopes
 from policies.config import BudgetConfig, Period, RateLimitConfig
-from policies.store import BudgetScope, RateScope
+from policies.stores.base import BudgetScope, RateScope
 
 
 def ts(*args: int) -> float:

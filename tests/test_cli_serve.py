@@ -138,7 +138,7 @@ def test_two_workers_share_the_ledger_and_the_metrics(tmp_path: Path) -> None:
             return len(seen) == 1 and next(iter(seen)).endswith(" 20.0")
 
         # a worker writes its counts for the others' scrapes once a second
-        # (gateway/prometheus.py FLUSH_EVERY_S): the sum shows within that
+        # (gateway/telemetry/prometheus.py FLUSH_EVERY_S): the sum shows within that
         wait_until(summed, within=5, what="both workers' counts in every scrape")
         final = scrapes()
         spend = h.get(

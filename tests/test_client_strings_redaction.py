@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from gateway.request_ids import REPLACED_HEADER
+from gateway.pipeline.request_ids import REPLACED_HEADER
 from tests.fake_upstream import FakeUpstream
 from tests.gateway_harness import KEYS, RunningGateway, merge, running_gateway
 from tests.otlp_receiver import OTLPReceiver
@@ -274,7 +274,7 @@ def test_otlp_logs_and_spans_over_the_wire(
 
 
 def test_request_id_rules() -> None:
-    from gateway.request_ids import incoming_request_id
+    from gateway.pipeline.request_ids import incoming_request_id
     from policies.redaction import RedactionConfig, Redactor
 
     redactor = Redactor(RedactionConfig())
@@ -303,7 +303,7 @@ def test_request_id_rules() -> None:
 
 
 def test_model_metric_labels_keep_snapshots_only() -> None:
-    from gateway.genai_attributes import ModelBuckets
+    from gateway.telemetry.semconv import ModelBuckets
 
     buckets = ModelBuckets({"gpt-4o-mini", "claude-sonnet-4-5", "gpt-4"})
     for kept in (
@@ -323,8 +323,8 @@ def test_model_metric_labels_keep_snapshots_only() -> None:
 
 
 def test_scrubber_remembers_counts_and_withholds_on_failure() -> None:
-    from gateway.client_strings import WITHHELD, Scrubber
-    from gateway.context import RequestContext
+    from gateway.pipeline.client_strings import WITHHELD, Scrubber
+    from gateway.pipeline.context import RequestContext
     from policies.redaction import RedactionConfig, Redactor
 
     calls: list[str] = []

@@ -14,7 +14,7 @@ import openai
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
-from gateway import pipeline
+from gateway.pipeline import handle as pipeline
 from pricing.encodings import get_encoding
 from tests.fake_upstream import FakeUpstream, Hang, Reply, Stream, chat_chunk
 from tests.gateway_harness import KEYS, RunningGateway, merge, running_gateway

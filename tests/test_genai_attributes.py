@@ -1,8 +1,8 @@
-"""gateway.genai_attributes: request bodies, attempts, usage and content → attributes."""
+"""gateway.telemetry.semconv: request bodies, attempts, usage and content → attributes."""
 
 from __future__ import annotations
 
-from gateway import genai_attributes as gen
+from gateway.telemetry import semconv as gen
 from pricing.usage import Usage
 
 

@@ -579,7 +579,7 @@ def test_each_worker_applies_the_configured_limits(
 
 def test_json_depth_counts_objects_and_arrays_alike_and_stops_at_the_limit() -> None:
     from gateway.errors import InvalidRequest
-    from gateway.http_limits import check_json_depth
+    from gateway.server.limits import check_json_depth
 
     for shallow in ("text", 3, None, [], {}, {"a": [1, {"b": "c"}]}):
         check_json_depth(shallow, 3)
@@ -600,7 +600,7 @@ def test_the_connection_cap_fits_under_the_open_file_limit() -> None:
     # in a child process: it lowers its own hard limit, which cannot be raised back
     script = (
         "import resource, sys\n"
-        "from gateway.http_limits import fit_to_fd_limit\n"
+        "from gateway.server.limits import fit_to_fd_limit\n"
         "resource.setrlimit(resource.RLIMIT_NOFILE, (1000, 3000))\n"
         "raised = fit_to_fd_limit(2000, 500)\n"
         "soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]\n"

@@ -1,4 +1,4 @@
-"""The lease lifecycle (policies/leases.py): several LeasedStores on one real store (an SQLite
+"""The lease lifecycle (policies/stores/leases.py): several LeasedStores on one real store (an SQLite
 file shared as by two workers; Redis where its own clock matters), with an injected clock.
 
 Young leases admit in memory; old ones, and those past their period's end, admit no more;
@@ -20,8 +20,7 @@ from typing import Any
 import pytest
 
 from policies.config import StoreConfig
-from policies.leases import LeasedStore, LeaseTuning
-from policies.store import (
+from policies.stores.base import (
     BudgetRejection,
     BudgetScope,
     RateScope,
@@ -29,8 +28,9 @@ from policies.store import (
     SpendRow,
     Store,
 )
-from policies.store_local import LocalStore
-from policies.store_redis import RedisStore
+from policies.stores.leases import LeasedStore, LeaseTuning
+from policies.stores.local import LocalStore
+from policies.stores.redis import RedisStore
 from tests.redis_server import RedisServer, require_redis_server
 from tests.redis_server import redis_server as redis_server  # the session fixture
 

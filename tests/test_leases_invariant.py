@@ -25,10 +25,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from policies.config import StoreConfig
-from policies.leases import LeasedStore, LeaseTuning
-from policies.store import BudgetScope, RateScope, Reservation, Store
-from policies.store_local import LocalStore
-from policies.store_redis import RedisStore
+from policies.stores.base import BudgetScope, RateScope, Reservation, Store
+from policies.stores.leases import LeasedStore, LeaseTuning
+from policies.stores.local import LocalStore
+from policies.stores.redis import RedisStore
 from tests.redis_server import RedisServer, require_redis_server
 from tests.redis_server import redis_server as redis_server  # the session fixture
 

@@ -1,4 +1,4 @@
-"""gateway/listener.py: the serving loop accepts every queued connection in one loop turn.
+"""gateway/server/listener.py: the serving loop accepts every queued connection in one loop turn.
 
 libuv (under uvloop) accepts one connection per turn of a loop; a busy gateway turns its
 loop every 10-20 ms, so a burst of new connections used to wait in the kernel's queue
@@ -23,11 +23,11 @@ import pytest
 import uvicorn
 import uvloop
 
-from gateway.http_limits import HttpLimits, LimitedHttpToolsProtocol
-from gateway.listener import ACCEPT_BATCH, BatchAcceptServer, Loop
+from gateway.server.limits import HttpLimits, LimitedHttpToolsProtocol
+from gateway.server.listener import ACCEPT_BATCH, BatchAcceptServer, Loop
 from tests.servers import LOOPBACK, ServerThread, wait_until
 
-LOOP = "gateway.listener:new_event_loop"
+LOOP = "gateway.server.listener:new_event_loop"
 
 
 class Echo(asyncio.Protocol):
@@ -224,7 +224,7 @@ def test_what_the_batch_listener_does_not_cover_goes_to_uvloops_own_server(tmp_p
 # A server in its own process with few file descriptors left: accept() fails with EMFILE.
 FD_STARVED_SERVER = """
 import asyncio, logging, os, resource, sys
-from gateway.listener import Loop
+from gateway.server.listener import Loop
 logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
 
 class Echo(asyncio.Protocol):

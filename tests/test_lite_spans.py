@@ -26,7 +26,7 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from gateway.lite_spans import LiteTracer, PlainTracer
+from gateway.telemetry.fast.lite_spans import LiteTracer, PlainTracer
 
 RESOURCE = Resource.create({"service.name": "t"})
 SCOPE = InstrumentationScope("tallygate", "1.0")
@@ -162,7 +162,7 @@ def test_a_configured_sampler_is_asked() -> None:
 def test_telemetry_honours_otel_traces_sampler(monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import io
 
-    from gateway.telemetry import Telemetry, TelemetryConfig
+    from gateway.telemetry.facade import Telemetry, TelemetryConfig
     from tests.telemetry_helpers import request, serve
 
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "traceidratio")

@@ -24,7 +24,7 @@ from opentelemetry.trace import (
     set_span_in_context,
 )
 
-from gateway.otlp_spans import encode_spans, varint
+from gateway.telemetry.fast.otlp_spans import encode_spans, varint
 from tests.fake_upstream import FakeUpstream, error_reply
 from tests.gateway_harness import KEYS, base_config, merge, running_gateway
 
@@ -134,7 +134,7 @@ def test_varint_matches_protobuf(n: int) -> None:
 
 
 def test_the_fast_exporter_delivers_over_http() -> None:
-    from gateway.otlp_spans import FastHTTPSpanExporter
+    from gateway.telemetry.fast.otlp_spans import FastHTTPSpanExporter
     from tests.otlp_receiver import OTLPReceiver
 
     spans = synthetic_spans()

@@ -17,10 +17,10 @@ from hypothesis import strategies as st
 from starlette.requests import Request
 
 from gateway.config import Config, ConfigError, load_config, parse_config
-from gateway.context import RequestContext
 from gateway.errors import InvalidRequest
-from gateway.pipeline import REQUIRED_FIELD, ClientLeft, parse
-from gateway.sse import BOM, SSEDecoder, event_data, is_sse, lf_line_ends
+from gateway.pipeline.context import RequestContext
+from gateway.pipeline.handle import REQUIRED_FIELD, ClientLeft, parse
+from gateway.pipeline.sse import BOM, SSEDecoder, event_data, is_sse, lf_line_ends
 from gateway.state import Gateway
 
 SETTINGS = settings(

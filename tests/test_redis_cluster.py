@@ -14,9 +14,10 @@ from pydantic import ValidationError
 from redis.crc import key_slot
 
 from policies.config import StoreConfig
-from policies.store import BudgetScope, Reservation, SpendRow, StoreError, open_store
-from policies.store_redis import ledger_key, rate_key, request_key, reservations_key
-from policies.store_redis_cluster import RedisClusterStore
+from policies.stores import open_store
+from policies.stores.base import BudgetScope, Reservation, SpendRow, StoreError
+from policies.stores.redis import ledger_key, rate_key, request_key, reservations_key
+from policies.stores.redis_cluster import RedisClusterStore
 from tests.gateway_harness import KEYS, serve_command
 from tests.redis_server import RedisCluster
 from tests.redis_server import redis_cluster as redis_cluster  # the session fixture

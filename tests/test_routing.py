@@ -1,4 +1,4 @@
-"""gateway.routing: plan order, weights, cooldowns, backoff and Retry-After, as units.
+"""gateway.pipeline.routing: plan order, weights, cooldowns, backoff and Retry-After, as units.
 
 A seeded `random.Random` and a hand-moved clock make every outcome reproducible; the
 gateway's wiring of the same Router is tested over HTTP in tests/test_gateway_routing.py.
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from gateway.config import Config
-from gateway.routing import Deployment, Router, parse_retry_after
+from gateway.pipeline.routing import Deployment, Router, parse_retry_after
 
 PROVIDERS = {"a": {"kind": "openai", "timeout_s": 7}, "b": {"kind": "openai"}}
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from gateway.runtime import GC_THRESHOLDS
+from gateway.server.runtime import GC_THRESHOLDS
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,9 +15,9 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
 
-from gateway.otlp_spans import FastHTTPSpanExporter
-from gateway.span_export import EncodedSpanProcessor
-from gateway.telemetry_export import ExportHealth, QuietExportLogs
+from gateway.telemetry.export import ExportHealth, QuietExportLogs
+from gateway.telemetry.fast.otlp_spans import FastHTTPSpanExporter
+from gateway.telemetry.fast.span_export import EncodedSpanProcessor
 from tests.otlp_receiver import OTLPReceiver, dead_endpoint
 
 

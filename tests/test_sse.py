@@ -1,4 +1,4 @@
-"""gateway.sse: whole events out of any split of the bytes, raw bytes kept, data joined.
+"""gateway.pipeline.sse: whole events out of any split of the bytes, raw bytes kept, data joined.
 
 Hypothesis explores random streams in tests/test_properties_parsers.py; these are the
 named edge cases, each checked at every split point.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.sse import SSEDecoder, event_data, is_sse, lf_line_ends, with_data
+from gateway.pipeline.sse import SSEDecoder, event_data, is_sse, lf_line_ends, with_data
 
 Event = tuple[bytes, bytes | None]
 

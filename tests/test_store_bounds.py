@@ -22,8 +22,7 @@ import pytest
 
 from policies.budget import limit_nano
 from policies.config import BudgetConfig, StoreConfig
-from policies.ledger_memory import ROW_ATTEMPTS
-from policies.store import (
+from policies.stores.base import (
     MAX_AMOUNT_NANO,
     MAX_LEDGER_NANO,
     BudgetRejection,
@@ -32,8 +31,9 @@ from policies.store import (
     SpendRow,
     Store,
 )
-from policies.store_local import LocalStore
-from policies.store_redis import RedisStore, ledger_key, request_key, reservations_key
+from policies.stores.ledger_memory import ROW_ATTEMPTS
+from policies.stores.local import LocalStore
+from policies.stores.redis import RedisStore, ledger_key, request_key, reservations_key
 from tests.redis_server import RedisServer, require_redis_server
 from tests.redis_server import redis_server as redis_server  # the session fixture
 

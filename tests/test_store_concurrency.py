@@ -1,5 +1,5 @@
 """Concurrent reservations never pass a limit together: tasks, OS processes, two Redis clients,
-each bare and with leases (policies/leases.py); outages."""
+each bare and with leases (policies/stores/leases.py); outages."""
 
 from __future__ import annotations
 
@@ -14,8 +14,7 @@ from typing import Any
 import pytest
 
 from policies.config import StoreConfig
-from policies.leases import LeasedStore
-from policies.store import (
+from policies.stores.base import (
     BudgetRejection,
     BudgetScope,
     RateScope,
@@ -24,8 +23,9 @@ from policies.store import (
     Store,
     StoreError,
 )
-from policies.store_local import LocalStore
-from policies.store_redis import RedisStore
+from policies.stores.leases import LeasedStore
+from policies.stores.local import LocalStore
+from policies.stores.redis import RedisStore
 from tests.redis_server import RedisServer, require_redis_server
 from tests.redis_server import redis_server as redis_server  # the session fixture
 

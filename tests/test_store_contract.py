@@ -17,8 +17,8 @@ import pytest
 
 from policies.budget import budget_scopes, rate_scopes
 from policies.config import BudgetConfig, RateLimitConfig, StoreConfig
-from policies.leases import LeasedStore
-from policies.store import (
+from policies.stores import open_store
+from policies.stores.base import (
     MAX_AMOUNT_NANO,
     BudgetRejection,
     BudgetScope,
@@ -28,11 +28,11 @@ from policies.store import (
     Store,
     StoreError,
     balances_by_group,
-    open_store,
 )
-from policies.store_local import LocalStore
-from policies.store_redis import RedisStore, claim_key, ledger_key
-from policies.store_redis_cluster import RedisClusterStore
+from policies.stores.leases import LeasedStore
+from policies.stores.local import LocalStore
+from policies.stores.redis import RedisStore, claim_key, ledger_key
+from policies.stores.redis_cluster import RedisClusterStore
 from tests.redis_server import RedisCluster, RedisServer, require_redis_cli, require_redis_server
 from tests.redis_server import redis_cluster as redis_cluster  # the session fixtures
 from tests.redis_server import redis_server as redis_server

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from policies.config import StoreConfig
-from policies.ledger_memory import MemoryLedger
-from policies.store import BudgetRejection, BudgetScope, Reservation, SpendRow, StoreError
-from policies.store_local import FLUSH_INTERVAL_S, LocalStore
+from policies.stores.base import BudgetRejection, BudgetScope, Reservation, SpendRow, StoreError
+from policies.stores.ledger_memory import MemoryLedger
+from policies.stores.local import FLUSH_INTERVAL_S, LocalStore
 
 NOW = datetime(2026, 11, 26, 12, tzinfo=UTC).timestamp()
 END = datetime(2026, 12, 1, tzinfo=UTC).timestamp()

@@ -9,10 +9,10 @@ from decimal import Decimal
 
 import pytest
 
-from policies import store_redis
 from policies.config import StoreConfig
-from policies.store import BudgetScope, RateScope, Reservation, SpendRow, StoreError
-from policies.store_redis import RedisStore
+from policies.stores import redis as store_redis
+from policies.stores.base import BudgetScope, RateScope, Reservation, SpendRow, StoreError
+from policies.stores.redis import RedisStore
 from tests.gateway_harness import merge, running_gateway
 from tests.redis_server import LOOPBACK, RedisServer, require_redis_server
 from tests.test_gateway_budgets import fire, team_spent

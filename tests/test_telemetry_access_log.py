@@ -1,4 +1,4 @@
-"""gateway.telemetry writes the access line (gateway/access_log.py formats it): trace and
+"""gateway.telemetry.facade writes the access line (gateway/telemetry/access_log.py formats it): trace and
 span ids that correlate with the spans, even when nothing is exported; JSON or logfmt."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from opentelemetry.trace import SpanKind
 
-from gateway.telemetry import Telemetry, TelemetryConfig
+from gateway.telemetry.facade import Telemetry, TelemetryConfig
 from tests.telemetry_helpers import EMAIL, TRACEPARENT, Harness, harnesses, request, run_ok, serve
 
 

@@ -1,4 +1,4 @@
-"""gateway.telemetry_config: the `telemetry:` config is read without the telemetry stack."""
+"""gateway.telemetry.config: the `telemetry:` config is read without the telemetry stack."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ def test_reading_the_config_loads_no_sdk_prometheus_or_httpx() -> None:
 
 
 def test_the_telemetry_module_still_offers_the_config() -> None:
-    from gateway import config, telemetry, telemetry_config
+    from gateway import config
+    from gateway.telemetry import config as telemetry_config
+    from gateway.telemetry import facade as telemetry
 
     assert telemetry.TelemetryConfig is telemetry_config.TelemetryConfig
     assert config.Config().telemetry == telemetry_config.TelemetryConfig()

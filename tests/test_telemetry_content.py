@@ -1,4 +1,4 @@
-"""gateway.telemetry: content capture on spans (none, redacted, full), never in the
+"""gateway.telemetry.facade: content capture on spans (none, redacted, full), never in the
 access line (see tests/telemetry_helpers.py)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from opentelemetry.trace import SpanKind
 
-from gateway.telemetry import (
+from gateway.telemetry.facade import (
     TelemetryConfig,
 )
 from tests.telemetry_helpers import (

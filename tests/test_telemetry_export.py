@@ -1,4 +1,4 @@
-"""gateway.telemetry and gateway.telemetry_export: OTLP export to a real receiver, dead
+"""gateway.telemetry.facade and gateway.telemetry.export: OTLP export to a real receiver, dead
 backends costing only counted drops, the export description, and the config's strictness."""
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from pydantic import ValidationError
 
-from gateway.telemetry import (
+from gateway.telemetry.export import CountingBatchSpanProcessor
+from gateway.telemetry.facade import (
     DURATION_BUCKETS,
     Telemetry,
     TelemetryConfig,
 )
-from gateway.telemetry_export import CountingBatchSpanProcessor
 from tests.otlp_receiver import OTLPReceiver, dead_endpoint
 from tests.telemetry_helpers import (
     KNOWN,
@@ -116,7 +116,9 @@ async def test_a_dead_backend_costs_only_counted_drops(caplog: pytest.LogCapture
     ]
     assert noisy == []  # the exporters' per-batch errors are filtered...
     ours = [
-        r for r in caplog.records if r.name == "gateway.telemetry" and "failed" in r.getMessage()
+        r
+        for r in caplog.records
+        if r.name == "gateway.telemetry.facade" and "failed" in r.getMessage()
     ]
     signals = sorted(r.args[0] for r in ours if isinstance(r.args, tuple))  # type: ignore[misc]
     assert signals == ["logs", "metrics", "traces"]  # ...into one warning per signal

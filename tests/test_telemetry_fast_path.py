@@ -11,14 +11,15 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway import otlp_spans, telemetry_export
 from gateway.app import create_app
 from gateway.config import parse_config
-from gateway.histograms import private_sdk_names as histogram_sdk_names
-from gateway.lite_spans import LiteTracer, PlainTracer
-from gateway.otlp_spans import FastHTTPSpanExporter
-from gateway.telemetry import fast_path_missing
-from gateway.telemetry_export import missing_names
+from gateway.telemetry import export as telemetry_export
+from gateway.telemetry.export import missing_names
+from gateway.telemetry.facade import fast_path_missing
+from gateway.telemetry.fast import otlp_spans
+from gateway.telemetry.fast.histograms import private_sdk_names as histogram_sdk_names
+from gateway.telemetry.fast.lite_spans import LiteTracer, PlainTracer
+from gateway.telemetry.fast.otlp_spans import FastHTTPSpanExporter
 from tests.fake_upstream import FakeUpstream, error_reply
 from tests.gateway_harness import KEYS, merge, running_gateway
 from tests.otlp_receiver import OTLPReceiver, ReceivedLog, ReceivedPoint, ReceivedSpan
@@ -82,7 +83,7 @@ def test_the_gateway_starts_on_the_plain_sdk_when_a_name_is_missing(
     gateway_config: dict, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.delattr(HISTOGRAM)
-    caplog.set_level(logging.WARNING, logger="gateway.telemetry")
+    caplog.set_level(logging.WARNING, logger="gateway.telemetry.facade")
     with running_gateway(merge(gateway_config, {"telemetry": {"fast_path": True}})) as gw:
         r = httpx.post(gw.base_url + "/chat/completions", headers=ALPHA,
                        json={"model": "gpt-4o-mini", "messages": PII})  # fmt: skip
@@ -105,7 +106,7 @@ def test_a_renamed_exporter_internal_sends_spans_the_official_way(
 ) -> None:
     # as if a release renamed one: the name the fast exporter reads is not there
     monkeypatch.setattr(otlp_spans, "EXPORTER_NAMES", (*otlp_spans.EXPORTER_NAMES, "_renamed"))
-    caplog.set_level(logging.WARNING, logger="gateway.telemetry")
+    caplog.set_level(logging.WARNING, logger="gateway.telemetry.facade")
     with OTLPReceiver() as rx:
         telemetry = {"exporter": "otlp", "endpoint": rx.endpoint, "fast_path": True}
         app = create_app(parse_config(merge(gateway_config, {"telemetry": telemetry}), env={}))

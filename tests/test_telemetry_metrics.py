@@ -1,4 +1,4 @@
-"""gateway.telemetry: the GenAI and tallygate metrics of a request, their buckets and
+"""gateway.telemetry.facade: the GenAI and tallygate metrics of a request, their buckets and
 attributes (read from an InMemoryMetricReader; see tests/telemetry_helpers.py)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from opentelemetry.trace import SpanKind
 
-from gateway.telemetry import (
+from gateway.telemetry.facade import (
     DURATION_BUCKETS,
     OVERHEAD_BUCKETS,
     TOKEN_BUCKETS,

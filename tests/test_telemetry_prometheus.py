@@ -1,4 +1,4 @@
-"""gateway.prometheus through Telemetry: the /metrics exposition, and one scrape that
+"""gateway.telemetry.prometheus through Telemetry: the /metrics exposition, and one scrape that
 sums every worker's counts (multiprocess mode)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.telemetry import (
+from gateway.telemetry.facade import (
     Telemetry,
     TelemetryConfig,
     prepare_multiprocess,
@@ -138,7 +138,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from prometheus_client import generate_latest  # noqa: E402
 
-from gateway.prometheus import MetricSpec, PrometheusMetrics  # noqa: E402
+from gateway.telemetry.prometheus import MetricSpec, PrometheusMetrics  # noqa: E402
 
 SPECS = (
     MetricSpec("t.count", "counter", "{request}", "c", ("team",)),

@@ -1,4 +1,4 @@
-"""gateway.telemetry_record: one request's record. Its figures are computed once and are
+"""gateway.telemetry.record: one request's record. Its figures are computed once and are
 the same number in every signal; a finished record lets go of its request (no reference
 cycle outlives it) and records nothing more; an attempt's fail() writes the outcome on
 its Attempt."""
@@ -12,8 +12,8 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from opentelemetry.trace import SpanKind, StatusCode
 
-from gateway.context import Attempt, RequestContext
-from gateway.telemetry_record import AttemptRecord, RequestRecord
+from gateway.pipeline.context import Attempt, RequestContext
+from gateway.telemetry.record import AttemptRecord, RequestRecord
 from tests.telemetry_helpers import Harness, attempt, harnesses, request, serve, succeed
 
 

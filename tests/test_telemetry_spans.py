@@ -1,4 +1,4 @@
-"""gateway.telemetry: the SERVER and CLIENT spans of a request, trace propagation, and a
+"""gateway.telemetry.facade: the SERVER and CLIENT spans of a request, trace propagation, and a
 failure inside telemetry that never reaches the request.
 
 Each test builds a RequestContext by hand, as the pipeline does, and drives the API
@@ -18,7 +18,7 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind, StatusCode
 
-from gateway.telemetry import (
+from gateway.telemetry.facade import (
     DURATION_BUCKETS,
     TelemetryConfig,
 )
@@ -388,7 +388,7 @@ async def test_a_failure_inside_telemetry_never_reaches_the_request(
     h = telemetry(
         TelemetryConfig(exporter="none", capture_content="redacted"), redact=broken_redact
     )
-    with caplog.at_level(logging.ERROR, logger="gateway.telemetry"):
+    with caplog.at_level(logging.ERROR, logger="gateway.telemetry.facade"):
         for _ in range(3):
             run_ok(h, request())
         record = h.tel.start_request(request(), {})
@@ -404,5 +404,5 @@ async def test_a_failure_inside_telemetry_never_reaches_the_request(
     }
     assert errors["content"] == 3
     assert errors["record_chunk_gap"] == 1 and errors["start_attempt"] == 1
-    logged = [r for r in caplog.records if r.name == "gateway.telemetry"]
+    logged = [r for r in caplog.records if r.name == "gateway.telemetry.facade"]
     assert len(logged) == 3  # once per failing stage

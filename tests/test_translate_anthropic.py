@@ -14,8 +14,8 @@ from anthropic.lib.streaming._messages import accumulate_event
 from anthropic.types import Message
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
+from gateway.pipeline.sse import SSEDecoder
 from gateway.providers.anthropic import translate_events
-from gateway.sse import SSEDecoder
 from gateway.translate.anthropic_common import (
     TranslationError,
     anthropic_error_from_openai,

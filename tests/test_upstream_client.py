@@ -2,7 +2,7 @@
 
 Both implementations, plain aiohttp (the default) and httpx (telemetry.http_spans), are held
 to the same contract: each transport failure becomes the same error.type and the same
-message to the client (gateway/upstream_errors.py), a stream comes through byte for byte,
+message to the client (gateway/pipeline/upstream_errors.py), a stream comes through byte for byte,
 and connections are kept alive between requests.
 """
 
@@ -22,10 +22,10 @@ from opentelemetry.trace import SpanKind
 
 from gateway.config import ProviderConfig
 from gateway.errors import UpstreamError, UpstreamTimeout
+from gateway.pipeline.upstream_errors import error_type, mapped
 from gateway.providers.base import UpstreamResponse
 from gateway.providers.http import AiohttpUpstream, HttpxUpstream, UpstreamFactory
 from gateway.providers.openai import OpenAIProvider
-from gateway.upstream_errors import error_type, mapped
 from tests.fake_upstream import Close, FakeUpstream, Hang, Scope, Stream, chat_chunk
 from tests.gateway_harness import KEYS, merge, running_gateway
 from tests.servers import ServerThread, free_port, run_server, wait_until

@@ -15,9 +15,9 @@ import orjson
 import yarl
 
 from gateway.config import ProviderConfig
+from gateway.pipeline.sse import SSEDecoder, is_sse
 from gateway.providers.base import UpstreamResponse
 from gateway.providers.http import AiohttpUpstream, UpstreamFactory
-from gateway.sse import SSEDecoder, is_sse
 from gateway.translate.anthropic_common import (
     DONE,
     TranslationError,

@@ -8,7 +8,7 @@ from typing import Any, ClassVar, Protocol
 
 from gateway.config import ProviderConfig
 
-# API name (gateway/apis.py) → the OpenAI path suffix it is served at
+# API name (gateway/pipeline/apis.py) → the OpenAI path suffix it is served at
 OPERATION_PATHS = {
     "chat": "/chat/completions",
     "text_completion": "/completions",
@@ -62,5 +62,5 @@ class Provider(Protocol):
         """Send ``body`` (model already rewritten) upstream, with ``headers`` (x-request-id,
         traceparent) besides the provider's own. Raises its HTTP client's errors (aiohttp's
         or httpx's, gateway.providers.http) on transport failure; those are mapped to
-        gateway errors in one place (gateway.upstream_errors)."""
+        gateway errors in one place (gateway.pipeline.upstream_errors)."""
         ...

@@ -10,7 +10,7 @@ One small interface (`Upstream`), two implementations, chosen where providers ar
   hooks httpx clients, so its `client` is there to be instrumented.
 
 Transport failures are raised as they come (aiohttp's or httpx's exceptions):
-gateway.upstream_errors maps both.
+gateway.pipeline.upstream_errors maps both.
 """
 
 from __future__ import annotations
