@@ -26,7 +26,6 @@ from gateway.errors import (
     InvalidRequest,
     ModelNotFound,
     PermissionDenied,
-    error_response,
 )
 from gateway.pipeline.apis import CHAT, EMBEDDINGS, MESSAGES, RESPONSES, TEXT_COMPLETION, Api
 from gateway.pipeline.count_tokens import count_tokens
@@ -273,10 +272,9 @@ async def not_found(request: Request, exc: Exception) -> Response:
         )
     else:
         message, code = f"Unknown path {request.url.path}.", "not_found"
-    body = {
-        "error": {"message": message, "type": "invalid_request_error", "param": None, "code": code}
-    }
-    return error_response(status, body)
+    error = InvalidRequest(message, code=code)
+    error.status = status
+    return error.to_response()
 
 
 async def server_error(request: Request, exc: Exception) -> Response:

@@ -11,8 +11,6 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import (
-    BaseModel,
-    ConfigDict,
     Field,
     ValidationError,
     field_validator,
@@ -21,7 +19,7 @@ from pydantic import (
 
 from gateway.providers import PROVIDERS
 from gateway.telemetry.config import TelemetryConfig
-from policies.config import BudgetConfig, RateLimitConfig, StoreConfig
+from policies.config import BudgetConfig, RateLimitConfig, StoreConfig, Strict
 from policies.redaction import RedactionConfig
 from pricing.config import PricingConfig
 
@@ -31,10 +29,6 @@ DEFAULT_CONFIG = "config.yaml"
 
 class ConfigError(Exception):
     """The config cannot be used; the message names the file and each bad key's path."""
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class ServerConfig(Strict):

@@ -155,7 +155,6 @@ class HttpxUpstream:
             transport=AiohttpTransport(limits=limits), timeout=self._timeout(config.timeout_s)
         )
         self.client: httpx.AsyncClient | None = self._client
-        self._transport = self._client._transport
         self._timeouts: dict[float, dict[str, float | None]] = {}
 
     def url(self, text: str) -> httpx.URL:
@@ -170,8 +169,9 @@ class HttpxUpstream:
         request = httpx.Request(
             "POST", url, content=body, headers=headers, extensions={"timeout": timeout}
         )
-        # looked up per call: the instrumentation wraps the method on the instance
-        response = await self._transport.handle_async_request(request)
+        # through the client's public send (the instrumentation wraps its transport); the
+        # request's own timeout extension is kept (httpx sets the client's only when absent)
+        response = await self._client.send(request, stream=True)
         if stream and response.status_code == 200:
             return UpstreamResponse(
                 200, response.headers, chunks=response.aiter_raw(), close=response.aclose
