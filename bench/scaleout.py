@@ -67,6 +67,9 @@ BASE = "w1-local"
 GOALS = {"w2-local": 1.15, "w1-redis": 1.20}  # CPU/req over w1-local's, issue 16's "done when"
 # a core number past the last: bench.run.pinned leaves the gateway unpinned
 UNPINNED = str(os.cpu_count() or 1)
+# --pin-gateway: every gateway process on this core (its workers share it), so a second
+# worker does not compete with the driver's core: the per-request cost of workers alone
+GATEWAY_CPU = [UNPINNED]
 CHAT = "/v1/chat/completions"
 
 
@@ -254,7 +257,7 @@ def start_gateway(setup: Setup, cfg: Configuration) -> bench.Server:
     }
     cmd = [sys.executable, "-m", "gateway", "serve", "--config", str(CONFIG),
            "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
-    gw = bench.spawn(cfg.name, cmd, UNPINNED, port, setup.logdir, env)
+    gw = bench.spawn(cfg.name, cmd, GATEWAY_CPU[0], port, setup.logdir, env)
     setup.spawned.append(gw)
     if not bench.wait_port(gw, 60):
         raise BenchError(f"{cfg.name} did not start listening:\n{gw.stderr_tail()}")
@@ -518,7 +521,8 @@ def markdown(report: dict[str, Any]) -> str:
         f"tallygate scale-out — {meta['utc']} — commit `{meta['commit']}`"
         f"{' + uncommitted changes' if meta['dirty'] else ''} — {meta['rounds']} round(s) x "
         f"{meta['duration_s']} s, medians of interleaved rounds{' (quick)' if meta['quick'] else ''}; "
-        f"mock upstream answers after {meta['upstream_latency_ms']:.0f} ms; gateway unpinned, "
+        f"mock upstream answers after {meta['upstream_latency_ms']:.0f} ms; "
+        f"gateway {('on core ' + str(meta['gateway_cpu'])) if meta.get('gateway_cpu') else 'unpinned'}, "
         f"wrk + mock + OTLP receiver + redis-servers on core {bench.DRIVER_CPU}; redis "
         f"{meta.get('redis_version') or '-'}, hiredis {'on' if meta['hiredis'] else 'off'}; load "
         f"average (1 min) at start {meta['loadavg']}, highest during the run "
@@ -625,11 +629,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--upstream-latency-ms", type=float, default=UPSTREAM_LATENCY_MS,
                         help=f"the mock's answer delay (default {UPSTREAM_LATENCY_MS:.0f})")  # fmt: skip
     parser.add_argument("--render", metavar="JSON", help="print a saved report's table again")
+    parser.add_argument(
+        "--pin-gateway",
+        metavar="CORE",
+        help="pin every gateway process to this core (default: unpinned)",
+    )
     parser.add_argument("--serve-mock", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_mock:
         serve_mock(args.serve_mock, args.upstream_latency_ms)
         return 0
+    if args.pin_gateway is not None:
+        GATEWAY_CPU[0] = args.pin_gateway
     if args.render:
         print(markdown(json.loads(Path(args.render).read_text())), end="")
         return 0
@@ -655,6 +666,7 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds, "duration_s": duration, "loadavg": f"{os.getloadavg()[0]:.2f}",
         "cpus": os.cpu_count(), "python": sys.version.split()[0],
         "config": str(CONFIG.relative_to(bench.REPO)), "upstream_latency_ms": args.upstream_latency_ms,
+        "gateway_cpu": args.pin_gateway,
         "hiredis": importlib.util.find_spec("hiredis") is not None,
         "command": " ".join(["python -m bench.scaleout", *(argv if argv is not None else sys.argv[1:])]),
     }  # fmt: skip
