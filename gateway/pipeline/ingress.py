@@ -24,7 +24,7 @@ import orjson
 
 from gateway.pipeline.metering import hides_reasoning
 from gateway.pipeline.sse import SSEDecoder, is_sse
-from gateway.providers.base import UpstreamResponse
+from gateway.providers.base import JSON_HEADERS, SSE_HEADERS, UpstreamResponse, rewritten_headers
 from gateway.translate.anthropic_common import (
     TranslationError,
     anthropic_error,
@@ -35,12 +35,6 @@ from gateway.translate.anthropic_ingress import EventTranslator, chat_request, e
 ANTHROPIC_CLIENT_HEADERS = ("anthropic-version", "anthropic-beta")
 MESSAGES_PATH = "/v1/messages"
 COUNT_TOKENS_PATH = "/v1/messages/count_tokens"
-JSON_HEADERS = {"content-type": "application/json"}
-SSE_HEADERS = {"content-type": "text/event-stream"}
-# not carried over from a response whose body was rewritten
-_BODY_HEADERS = frozenset(
-    ("content-length", "content-encoding", "transfer-encoding", "content-type")
-)
 # what reading a chat completion of the wrong shape raises (gateway.pipeline.responses.UNREADABLE)
 _UNREADABLE = (AttributeError, TypeError, ValueError, KeyError)
 ENDED_EARLY = "The upstream's stream ended before its answer was complete."
@@ -104,12 +98,6 @@ def refused(message_text: str) -> UpstreamResponse:
     model): Anthropic's 400, nothing sent upstream, nothing charged."""
     body = anthropic_error(message_text, "invalid_request_error")
     return UpstreamResponse(400, JSON_HEADERS, body=orjson.dumps(body))
-
-
-def rewritten_headers(upstream: Mapping[str, str], kind: Mapping[str, str]) -> dict[str, str]:
-    out = {n: v for k, v in upstream.items() if (n := k.lower()) not in _BODY_HEADERS}
-    out.update(kind)
-    return out
 
 
 def whole_message(up: UpstreamResponse) -> UpstreamResponse:

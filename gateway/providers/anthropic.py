@@ -16,7 +16,7 @@ import yarl
 
 from gateway.config import ProviderConfig
 from gateway.pipeline.sse import SSEDecoder, is_sse
-from gateway.providers.base import UpstreamResponse
+from gateway.providers.base import JSON_HEADERS, SSE_HEADERS, UpstreamResponse, rewritten_headers
 from gateway.providers.http import AiohttpUpstream, UpstreamFactory
 from gateway.translate.anthropic_common import (
     DONE,
@@ -37,12 +37,7 @@ from pricing.table import PriceTable, output_limit
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 DEFAULT_VERSION = "2023-06-01"
 FALLBACK_MAX_TOKENS = 4096  # max_tokens for a model the price table does not know
-JSON_HEADERS = {"content-type": "application/json"}
-SSE_HEADERS = {"content-type": "text/event-stream"}
 # not carried over from a response whose body we rewrote
-_BODY_HEADERS = frozenset(
-    ("content-length", "content-encoding", "transfer-encoding", "content-type")
-)
 # never taken from a caller of send_native: the provider's key is the only one that leaves
 _AUTH_HEADERS = frozenset(("x-api-key", "authorization"))
 
@@ -175,14 +170,6 @@ def refused(message: str, param: str | None = None) -> UpstreamResponse:
     """A request this provider cannot send: 400 in OpenAI's shape, nothing sent upstream."""
     body = openai_error(message, "invalid_request_error", "unsupported_by_provider", param)
     return UpstreamResponse(400, JSON_HEADERS, body=orjson.dumps(body))
-
-
-def rewritten_headers(upstream: Mapping[str, str], kind: Mapping[str, str]) -> dict[str, str]:
-    """The upstream's headers (retry-after, request-id, ...) for a body we rewrote, named in
-    lower case (looked up so in a plain dict; aiohttp keeps the upstream's spelling)."""
-    out = {n: v for k, v in upstream.items() if (n := k.lower()) not in _BODY_HEADERS}
-    out.update(kind)
-    return out
 
 
 def translated_body(

@@ -39,6 +39,23 @@ class UpstreamResponse:
     close: Callable[[], Awaitable[None]] = _nothing
 
 
+JSON_HEADERS: Mapping[str, str] = {"content-type": "application/json"}
+SSE_HEADERS: Mapping[str, str] = {"content-type": "text/event-stream"}
+# not carried over from a response whose body was rewritten
+_BODY_HEADERS = frozenset(
+    ("content-length", "content-encoding", "transfer-encoding", "content-type")
+)
+
+
+def rewritten_headers(upstream: Mapping[str, str], kind: Mapping[str, str]) -> dict[str, str]:
+    """The upstream's headers (retry-after, request-id, ...) for a body we rewrote, named in
+    lower case (looked up so in a plain dict; aiohttp keeps the upstream's spelling), and
+    the rewritten body's content type."""
+    out = {n: v for k, v in upstream.items() if (n := k.lower()) not in _BODY_HEADERS}
+    out.update(kind)
+    return out
+
+
 class Provider(Protocol):
     kind: ClassVar[str]
     # optional: `operations: ClassVar[frozenset[str]]`, the APIs served (default: BASE_OPERATIONS)

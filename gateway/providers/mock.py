@@ -18,15 +18,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import orjson
 
 from gateway.config import ProviderConfig
-from gateway.providers.base import OPERATION_PATHS, UpstreamResponse
+from gateway.providers.base import JSON_HEADERS, OPERATION_PATHS, SSE_HEADERS, UpstreamResponse
 from pricing.tokens import TokenCounter
 
 if TYPE_CHECKING:
     from gateway.providers.http import UpstreamFactory
 
 WORDS = re.compile(r"\S+\s*")
-JSON_HEADERS = {"content-type": "application/json"}
-SSE_HEADERS = {"content-type": "text/event-stream"}
 
 
 def last_user_text(body: dict[str, Any]) -> str:

@@ -121,6 +121,22 @@ local function sweep(ledger, zset, now)
     bump(ledger, 'reserved', -total)
   end
 end
+-- The reservation reserve and admit both make: amount held on the n scopes' ledgers until
+-- now + ttl (ARGV[1] the member, ARGV[3] the ttl; scope i's expireat in ARGV[base + 2i]),
+-- and the request marked.
+local function hold(n, amount, mark, base)
+  local ttl = tonumber(ARGV[3])
+  for i = 1, n do
+    local ledger, zset, expireat = KEYS[2 * i], KEYS[2 * i + 1], tonumber(ARGV[base + 2 * i])
+    bump(ledger, 'reserved', amount)
+    redis.call('ZADD', zset, int(now + ttl), ARGV[1])
+    if expireat > now / 1000 then
+      redis.call('EXPIREAT', ledger, expireat)
+      redis.call('EXPIREAT', zset, expireat)
+    end
+  end
+  redis.call('SET', KEYS[1], mark, 'PX', int(2 * ttl))
+end
 local function ledgers(n, out)
   for i = 1, n do
     sweep(KEYS[2 * i], KEYS[2 * i + 1], now)
@@ -159,17 +175,7 @@ for i = 1, n do
     end
   end
 end
-local ttl = tonumber(ARGV[3])
-for i = 1, n do
-  local ledger, zset, expireat = KEYS[2 * i], KEYS[2 * i + 1], tonumber(ARGV[4 + 2 * i])
-  bump(ledger, 'reserved', amount)
-  redis.call('ZADD', zset, int(now + ttl), ARGV[1])
-  if expireat > now / 1000 then
-    redis.call('EXPIREAT', ledger, expireat)
-    redis.call('EXPIREAT', zset, expireat)
-  end
-end
-redis.call('SET', KEYS[1], mark, 'PX', int(2 * ttl))
+hold(n, amount, mark, 4)
 return {1}
 """
 )
@@ -375,17 +381,7 @@ for i = 1, nb do
   end
 end
 if refused == 0 then
-  local ttl = tonumber(ARGV[3])
-  for i = 1, nb do
-    local ledger, zset, expireat = KEYS[2 * i], KEYS[2 * i + 1], tonumber(ARGV[8 + 2 * i])
-    bump(ledger, 'reserved', amount)
-    redis.call('ZADD', zset, int(now + ttl), ARGV[1])
-    if expireat > now / 1000 then
-      redis.call('EXPIREAT', ledger, expireat)
-      redis.call('EXPIREAT', zset, expireat)
-    end
-  end
-  redis.call('SET', KEYS[1], mark, 'PX', int(2 * ttl))
+  hold(nb, amount, mark, 8)
   rate_commit(c, rb, ab)
 end
 local out = ledgers(nb, {1, '0', '', refused == 0 and 1 or 0, refused})
